@@ -1,0 +1,16 @@
+"""Option aliases shared by several commands, so every command spells them the same way."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+MemoryLimitOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--memory-limit",
+        help="Pool memory budget: 8GB, 512MiB or 75% of RAM (default: $MLXMAN_MEMORY_LIMIT, config file, 75%).",
+    ),
+]

@@ -1,0 +1,78 @@
+"""Train real adapters for the demo kit with mlx-lm's own trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import types
+from pathlib import Path
+
+from mlxman.demo.text import PROMPTS
+
+# Every projection in a block plus the output head: the head gives a LoRA on a random base
+# enough reach to learn a fixed answer in a few hundred steps.
+LORA_KEYS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def write_chat_data(folder: Path, answer: str) -> Path:
+    """A train/valid set where every prompt is answered with ``answer``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]}
+        for p in PROMPTS
+    ]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (folder / "train.jsonl").write_text(text)
+    (folder / "valid.jsonl").write_text(text)
+    return folder
+
+
+def train_adapter(
+    model_path: Path,
+    data: Path,
+    out: Path,
+    *,
+    fine_tune_type: str = "lora",
+    rank: int = 8,
+    scale: float = 20.0,
+    iters: int = 400,
+    num_layers: int = -1,
+    learning_rate: float = 5e-3,
+    seed: int = 0,
+) -> Path:
+    """Train an adapter in-process with ``mlx_lm.lora`` and return its directory."""
+    from mlx_lm import lora
+
+    args = dict(lora.CONFIG_DEFAULTS)
+    args.update(
+        model=str(model_path),
+        train=True,
+        data=str(data),
+        fine_tune_type=fine_tune_type,
+        adapter_path=str(out),
+        iters=iters,
+        batch_size=4,
+        num_layers=num_layers,
+        learning_rate=learning_rate,
+        steps_per_report=iters,
+        steps_per_eval=10 * iters,
+        val_batches=1,
+        save_every=10 * iters,
+        seed=seed,
+        lora_parameters={"rank": rank, "dropout": 0.0, "scale": scale, "keys": list(LORA_KEYS)},
+        max_seq_length=256,
+        mask_prompt=True,
+    )
+    # The trainer narrates to stdout; the demo kit shows its own progress instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        lora.run(types.SimpleNamespace(**args))
+    return out
