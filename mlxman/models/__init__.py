@@ -1,0 +1,1 @@
+"""Model resolution, kind detection and size estimation from files, without heavy imports."""
