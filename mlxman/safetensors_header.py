@@ -117,7 +117,7 @@ def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError(f"{where} has no {{dtype, shape, data_offsets}} entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise HeaderError(f"{where} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise HeaderError(f"{where} has an invalid shape {shape!r}")
