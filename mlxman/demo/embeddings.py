@@ -1,4 +1,4 @@
-"""Build the demo kit's tiny BERT embeddings model (random weights, local WordPiece tokenizer) for mlx-embeddings."""
+"""Build the demo kit's tiny BERT embeddings model (random weights, local WordPiece vocabulary)."""
 
 from __future__ import annotations
 
