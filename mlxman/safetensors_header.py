@@ -103,6 +103,8 @@ def _parse(path: Path, file_size: int, raw: bytes) -> SafetensorsHeader:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
         if name == "__metadata__":
+            if entry is None:  # mx.save_safetensors writes null when there is no metadata
+                continue
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise HeaderError(f"{path.name}: __metadata__ must map strings to strings")
             metadata = dict(entry)
