@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mlxman import __version__
-from mlxman.cli import status
+from mlxman.cli import adapter, status
 from mlxman.cli.errors import MlxmanGroup
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def root(
 
 
 app.command("status")(status.status)
+app.add_typer(adapter.app, name="adapter")
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Adapters: validate, describe, convert (PEFT <-> mlx-lm) and fuse LoRA/DoRA adapters."""
