@@ -1,0 +1,82 @@
+"""Canonical pool keys: a base model's id, or ``model_id::adapter_path`` with an absolute adapter path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxman.errors import AdapterError, NotFoundError
+from mlxman.models.resolve import ResolvedModel, resolve_model
+
+SEPARATOR = "::"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+
+def adapter_key(model_id: str, adapter_path: Path) -> str:
+    return f"{model_id}{SEPARATOR}{adapter_path}"
+
+
+def split_key(spec: str) -> tuple[str, str | None]:
+    """Split ``model::adapter`` into its two parts; a plain model spec has no adapter."""
+    model, sep, adapter = spec.partition(SEPARATOR)
+    return model, (adapter if sep else None)
+
+
+def resolve_adapter_dir(spec: str) -> Path:
+    """The absolute directory of an mlx-lm adapter, so ``./a`` and ``/abs/a`` name one entry."""
+    path = Path(spec).expanduser().resolve()
+    if not path.exists():
+        raise NotFoundError(f"Adapter path {spec} does not exist", "check the path to the adapter directory")
+    if not path.is_dir():
+        raise AdapterError(
+            f"Adapter path {spec} is a file, not an adapter directory", "pass the folder holding it"
+        )
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise AdapterError(
+            f"{spec} has no {ADAPTER_CONFIG}, so it is not an mlx-lm adapter",
+            "pass the folder `mlx_lm lora` wrote, or convert a PEFT adapter with `mlxman adapter convert`",
+        )
+    return path
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    file = path / ADAPTER_CONFIG
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"Cannot read {file}: {exc}", "fix the file or retrain the adapter") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{file} is not a JSON object", "fix the file or retrain the adapter")
+    return data
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one request names: a base model and, optionally, an adapter on it."""
+
+    model: ResolvedModel
+    adapter: Path | None
+
+    @property
+    def base_key(self) -> str:
+        return self.model.id
+
+    @property
+    def key(self) -> str:
+        return self.base_key if self.adapter is None else adapter_key(self.base_key, self.adapter)
+
+
+def resolve_target(model: str, adapter: str | None = None) -> Target:
+    """Resolve what a caller typed; ``model`` may itself be ``model::adapter``."""
+    model_spec, embedded = split_key(model)
+    if embedded is not None and adapter is not None and embedded != adapter:
+        raise AdapterError(
+            f"Two adapters given for one request: {embedded!r} in the model name and {adapter!r}",
+            "name the adapter once",
+        )
+    adapter_spec = adapter if adapter is not None else embedded
+    resolved = resolve_model(model_spec)
+    return Target(model=resolved, adapter=resolve_adapter_dir(adapter_spec) if adapter_spec else None)

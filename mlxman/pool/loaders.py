@@ -1,0 +1,75 @@
+"""Load a model with the package that runs its kind: mlx-lm (text), mlx-vlm (vision), mlx-embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxman.errors import AdapterError, ModelError
+from mlxman.pool.kinds import EMBEDDINGS, TEXT, VISION, check_adapter_allowed
+
+_LOAD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError, OSError, RuntimeError)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model in memory: the module and its tokenizer (mlx-lm TokenizerWrapper, or a vision processor)."""
+
+    model: Any
+    tokenizer: Any
+    kind: str
+
+
+def load_model(path: Path, kind: str, adapter_path: Path | None = None) -> LoadedModel:
+    """Load ``path`` as ``kind``; ``adapter_path`` is baked in (full fine-tunes, vision adapters)."""
+    if not (path / "config.json").is_file():
+        # mlx-lm would take a missing path for a Hugging Face id and try to download it.
+        raise ModelError(f"{path} has no config.json", "pass a local model directory")
+    if adapter_path is not None:
+        check_adapter_allowed(kind, str(path))
+    try:
+        if kind == TEXT:
+            from mlx_lm import load
+
+            model, tokenizer = load(str(path), adapter_path=str(adapter_path) if adapter_path else None)[:2]
+        elif kind == VISION:
+            model, tokenizer = _load_vision(path, adapter_path)
+        elif kind == EMBEDDINGS:
+            model, tokenizer = _load_embeddings(path)
+        else:
+            raise ModelError(f"Unknown model kind {kind!r}", "use text, vision or embeddings")
+    except ModelError:
+        raise
+    except _LOAD_ERRORS as exc:
+        what = f"{path} with adapter {adapter_path}" if adapter_path else str(path)
+        err = AdapterError if adapter_path is not None and "adapter" in str(exc).lower() else ModelError
+        raise err(
+            f"Cannot load {kind} model {what}: {type(exc).__name__}: {exc}",
+            "check the model (and adapter) files, or pass --kind if the kind was guessed wrong",
+        ) from None
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind)
+
+
+def _load_vision(path: Path, adapter_path: Path | None) -> tuple[Any, Any]:
+    try:
+        from mlx_vlm import load  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        raise ModelError(
+            f"{path} is a vision model and mlx-vlm is not installed",
+            "install it with `pip install 'mlxman[vision]'`",
+        ) from None
+    model, processor = load(str(path), adapter_path=str(adapter_path) if adapter_path else None)
+    return model, processor
+
+
+def _load_embeddings(path: Path) -> tuple[Any, Any]:
+    try:
+        from mlx_embeddings import load
+    except ImportError:
+        raise ModelError(
+            f"{path} is an embeddings model and mlx-embeddings is not installed",
+            "install it with `pip install 'mlxman[embeddings]'`",
+        ) from None
+    model, tokenizer = load(str(path))
+    return model, tokenizer

@@ -1,0 +1,180 @@
+"""Adapter hot-swap on a resident base: strip LoRA/DoRA wrappers back to the base modules, apply the next."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlxman.errors import AdapterError
+from mlxman.pool.keys import ADAPTER_WEIGHTS, read_adapter_config
+
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+SWAPPABLE_TYPES = ("lora", "dora")
+
+
+@dataclass(eq=False)
+class AdapterWeights:
+    """An adapter held in memory: its config and tensors, ready to apply to a base without touching disk."""
+
+    path: Path
+    config: dict[str, Any]
+    weights: dict[str, mx.array]
+
+    @property
+    def fine_tune_type(self) -> str:
+        return str(self.config.get("fine_tune_type", "lora"))
+
+    @property
+    def lora_parameters(self) -> dict[str, Any]:
+        params = self.config.get("lora_parameters")
+        return params if isinstance(params, dict) else {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(w.nbytes) for w in self.weights.values())
+
+    def structure(self) -> tuple[Any, ...]:
+        """Everything but the values and ``scale``: equal structures allow a weights-only swap."""
+        p = self.lora_parameters
+        keys = p.get("keys")
+        return (
+            self.fine_tune_type,
+            self.config.get("num_layers"),
+            tuple(sorted(keys)) if isinstance(keys, list) else keys,
+            p.get("rank"),
+            p.get("dropout"),
+            tuple(sorted((n, tuple(w.shape), str(w.dtype)) for n, w in self.weights.items())),
+        )
+
+
+def read_adapter(path: Path) -> AdapterWeights:
+    """Load an adapter's config and tensors (evaluated, so its memory is taken now, not at first use)."""
+    config = read_adapter_config(path)
+    file = path / ADAPTER_WEIGHTS
+    try:
+        weights = mx.load(str(file))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise AdapterError(f"Cannot load {file}: {exc}", "retrain or re-download the adapter") from None
+    if not isinstance(weights, dict):
+        raise AdapterError(f"{file} holds no named tensors", "retrain or re-download the adapter")
+    mx.eval(list(weights.values()))
+    return AdapterWeights(path=path, config=config, weights=weights)
+
+
+def _wrapper_types() -> tuple[type, ...]:
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    return (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+
+
+def _inner(module: Any, kinds: tuple[type, ...]) -> Any:
+    inner: Any = module
+    while _is_wrapper(inner, kinds):
+        inner = getattr(inner, "embedding", None) or inner.linear
+    return inner
+
+
+def _is_wrapper(module: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(module, kinds)
+
+
+def wrappers(model: Any) -> list[tuple[str, Any]]:
+    kinds = _wrapper_types()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def strip_adapter(model: Any) -> int:
+    """Replace every LoRA/DoRA wrapper (nested ones too) by the base module it wraps; return how many."""
+    from mlx.utils import tree_unflatten
+
+    kinds = _wrapper_types()
+    found = sorted(wrappers(model), key=lambda item: item[0].count("."))
+    outer: list[tuple[str, Any]] = []
+    for name, module in found:
+        if not any(name.startswith(prefix + ".") for prefix, _ in outer):
+            outer.append((name, module))
+    if outer:
+        model.update_modules(tree_unflatten([(name, _inner(m, kinds)) for name, m in outer]))
+    return len(outer)
+
+
+def apply_adapter(model: Any, adapter: AdapterWeights) -> None:
+    """Wrap the base as ``mlx_lm.load(base, adapter_path=...)`` does, load the tensors; strip on failure."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    if adapter.fine_tune_type not in SWAPPABLE_TYPES:
+        raise AdapterError(
+            f"Adapter {adapter.path} has fine_tune_type {adapter.fine_tune_type!r}, which cannot be swapped",
+            "use a lora or dora adapter; full fine-tunes load as their own model",
+        )
+    try:
+        linear_to_lora_layers(
+            model,
+            adapter.config["num_layers"],
+            adapter.config["lora_parameters"],
+            use_dora=adapter.fine_tune_type == "dora",
+        )
+        params = dict(tree_flatten(model.parameters()))
+        problems = []
+        for name, w in adapter.weights.items():
+            if name not in params or name.rsplit(".", 1)[-1] not in ADAPTER_LEAVES:
+                problems.append(f"{name}: not an adapter parameter in the model")
+            elif tuple(w.shape) != tuple(params[name].shape):
+                want = tuple(params[name].shape)
+                problems.append(f"{name}: adapter shape {tuple(w.shape)} does not match {want} in the model")
+        if problems:
+            raise ValueError(
+                "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            )
+        model.load_weights(list(adapter.weights.items()), strict=False)
+        model.eval()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        strip_adapter(model)
+        raise AdapterError(
+            f"Adapter {adapter.path} cannot be applied to this base: {exc}",
+            f"check it with `mlxman adapter validate {adapter.path} --model <base>`; the base is left plain",
+        ) from None
+
+
+def _weights_only(model: Any, adapter: AdapterWeights) -> None:
+    model.load_weights(list(adapter.weights.items()), strict=False)
+    # ``scale`` is a Python attribute of each wrapper, not a tensor.
+    scale = adapter.lora_parameters.get("scale")
+    for _, module in wrappers(model):
+        module.scale = scale
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    mode: str  # "none", "strip", "weights" or "structural"
+    seconds: float
+
+
+def swap(model: Any, current: AdapterWeights | None, nxt: AdapterWeights | None) -> SwapResult:
+    """Move ``model`` from the ``current`` adapter to ``nxt`` (None: plain base); failure leaves it plain."""
+    started = time.perf_counter()
+    if current is nxt:
+        return SwapResult("none", 0.0)
+    try:
+        if nxt is None:
+            strip_adapter(model)
+            mode = "strip"
+        elif current is not None and current.structure() == nxt.structure():
+            _weights_only(model, nxt)
+            mode = "weights"
+        else:
+            strip_adapter(model)
+            apply_adapter(model, nxt)
+            mode = "structural"
+    except AdapterError:
+        raise
+    except Exception:
+        strip_adapter(model)
+        raise
+    return SwapResult(mode, time.perf_counter() - started)
