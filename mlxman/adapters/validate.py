@@ -351,6 +351,10 @@ def _check_against_base(
     for mod in sorted(modules.values(), key=lambda m: m.path):
         where = f"{wfile}: {mod.path}"
         target = base.modules.get(mod.path)
+        split = split_layer(mod.path)
+        if target is None and split and base.num_blocks and split[1] >= base.num_blocks:
+            _check_window(report, s, base, mod.path, wfile)
+            continue
         if target is None:
             report.error(
                 where, "targets a module the base model does not have", "check --model or the tensor names"

@@ -19,7 +19,8 @@ app = typer.Typer(help="Validate, inspect, convert and fuse LoRA adapters.", no_
 
 AdapterArg = Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + weights).")]
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", "-m", help="Base model: a local folder or a cached Hugging Face id.")
+    Optional[str],
+    typer.Option("--model", "-m", help="Base model: a local folder or a cached Hugging Face id."),
 ]
 
 
@@ -47,7 +48,10 @@ def validate(
     adapter: AdapterArg,
     model: ModelOption = None,
     deep: Annotated[
-        bool, typer.Option("--deep", help="Also apply it with mlx-lm on the lazily loaded base and scan for NaN/Inf.")
+        bool,
+        typer.Option(
+            "--deep", help="Also apply it with mlx-lm on the lazily loaded base and scan for NaN/Inf."
+        ),
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -145,10 +149,14 @@ def convert(
 
 @app.command()
 def fuse(
-    model: Annotated[str, typer.Option("--model", "-m", help="Base model: a local folder or a cached HF id.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Base model: a local folder or a cached HF id.")
+    ],
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="The adapter folder to fuse in.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="A new folder for the fused model.")],
-    dequantize: Annotated[bool, typer.Option("--dequantize", help="Write a dequantized (float) model.")] = False,
+    dequantize: Annotated[
+        bool, typer.Option("--dequantize", help="Write a dequantized (float) model.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Validate, then fuse an adapter into a new model folder (one adapter at base speed)."""
