@@ -230,8 +230,13 @@ def both(*defects: Callable[[Path], None]) -> Callable[[Path], None]:
 
 Q = "model.layers.0.self_attn.q_proj"
 KEYS_WITHOUT_DOWN = [
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-]  # fmt: skip
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+]
 
 CASES: list[Case] = [
     # adapter_config.json as a file
@@ -264,7 +269,7 @@ CASES: list[Case] = [
             CONFIG, b'{"num_layers": -1, "lora_parameters": {"rank": 8, "scale": NaN, "dropout": 0.0}}'
         ),
         "scale",
-    ),  # fmt: skip
+    ),
     Case("scale_string", edit_params("scale", "20"), "scale"),
     Case("dropout_missing", edit_params("dropout", _DELETE), "dropout"),
     Case("dropout_out_of_range", edit_params("dropout", 1.5), "dropout"),
@@ -305,13 +310,13 @@ CASES: list[Case] = [
         reshape_first("layers.0.self_attn.q_proj.lora_a", lambda s: (s[0] // 2, s[1])),
         "input size",
         with_model=True,
-    ),  # fmt: skip
+    ),
     Case(
         "output_size_mismatch",
         both(reshape_first("layers.0.self_attn.q_proj.lora_b", lambda s: (s[0], 3))),
         "output size",
         with_model=True,
-    ),  # fmt: skip
+    ),
     Case(
         "module_not_in_base",
         both(
@@ -320,7 +325,7 @@ CASES: list[Case] = [
         ),
         "qkv_proj",
         with_model=True,
-    ),  # fmt: skip
+    ),
     Case("block_beyond_base", rename("model.layers.1.", "model.layers.7."), "block 7", with_model=True),
     Case("block_outside_num_layers", set_key("num_layers", 1), "outside", with_model=True),
     Case("module_left_out_of_one_block", drop("layers.1.mlp.up_proj"), "coverage", with_model=True),

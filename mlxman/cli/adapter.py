@@ -55,7 +55,7 @@ def validate(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Check an adapter (and its fit to a base) without loading weights. Exit 0 sound, 1 not, 2 usage error."""
+    """Check an adapter (and its fit to a base) without loading weights. Exit 0 sound, 1 not, 2 usage."""
     from mlxman.adapters.validate import validate_adapter
 
     report = validate_adapter(_existing(adapter), _base(model))
@@ -86,7 +86,7 @@ def _render_report(report: ValidationReport) -> None:
 
 @app.command()
 def info(adapter: AdapterArg, json_output: JsonOption = False) -> None:
-    """Show an adapter's format, rank, scale, layers, target modules, size, base model and training settings."""
+    """Show an adapter's format, rank, scale, layers, targets, size, base model and training settings."""
     from mlxman.adapters.info import adapter_info
 
     data = adapter_info(_existing(adapter))
@@ -142,7 +142,8 @@ def convert(
         return
     folded = f", {result.folded_modules} module scale(s) folded into B" if result.folded_modules else ""
     out.success(
-        f"Converted {result.source} ({result.source_format}) to {result.destination} ({result.target_format}): "
+        f"Converted {result.source} ({result.source_format}) to {result.destination} "
+        f"({result.target_format}): "
         f"{result.modules} modules, rank {result.rank}, scale {result.scale:g}{folded}"
     )
 
