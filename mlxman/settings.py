@@ -13,6 +13,8 @@ from mlxman.errors import ConfigError
 HOME_ENV = "MLXMAN_HOME"
 MEMORY_LIMIT_ENV = "MLXMAN_MEMORY_LIMIT"
 HOST_ENV = "MLXMAN_HOST"
+# The environment variable `mlxman serve` reads its API key from (another name with --api-key-env).
+API_KEY_ENV = "MLXMAN_API_KEY"
 DEBUG_ENV = "MLXMAN_DEBUG"
 CONFIG_FILENAME = "config.toml"
 

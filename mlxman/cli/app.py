@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mlxman import __version__
-from mlxman.cli import adapter, status
+from mlxman.cli import adapter, pool, serve, status
 from mlxman.cli.errors import MlxmanGroup
 
 app = typer.Typer(
@@ -38,6 +38,8 @@ def root(
 
 app.command("status")(status.status)
 app.add_typer(adapter.app, name="adapter")
+app.add_typer(pool.app, name="pool")
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

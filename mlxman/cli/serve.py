@@ -1,0 +1,95 @@
+"""``mlxman serve``: keep a pool in a long-lived process behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mlxman.cli.options import MemoryLimitOption
+from mlxman.client import server_address
+from mlxman.errors import UsageError
+from mlxman.memory import resolve_budget, system_memory
+from mlxman.output import out
+from mlxman.settings import API_KEY_ENV, DEFAULT_KEEP_ALIVE, DEFAULT_PORT, HOST_ENV, load_config
+
+
+def serve(
+    host: Annotated[
+        Optional[str],
+        typer.Option("--host", help=f"Address to bind, host or host:port (default: ${HOST_ENV}, 127.0.0.1)."),
+    ] = None,
+    port: Annotated[
+        Optional[int], typer.Option("--port", help="Port to bind (default 11435).", min=1, max=65535)
+    ] = None,
+    memory_limit: MemoryLimitOption = None,
+    keep_alive: Annotated[
+        Optional[str],
+        typer.Option(
+            "--keep-alive", help="Idle time before an entry is unloaded: 5m, 1h, 0 (at once), -1 (never)."
+        ),
+    ] = None,
+    preload: Annotated[
+        Optional[list[str]],
+        typer.Option("--preload", help="Load and pin MODEL or MODEL::ADAPTER at start (repeatable)."),
+    ] = None,
+    adapter_root: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--adapter-root",
+            help="Folder whose models and adapters requests may name (repeatable); without one, requests "
+            "may name only what the operator loaded.",
+        ),
+    ] = None,
+    api_key_env: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key-env",
+            help=f"Environment variable holding the API key (default: {API_KEY_ENV} when set). With a key, "
+            "every endpoint but /health needs `Authorization: Bearer KEY`.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the pool over HTTP: OpenAI-compatible /v1 endpoints plus pool admin; stop with Ctrl-C."""
+    from mlxman.pool import parse_keep_alive
+    from mlxman.server.runner import ServeOptions
+    from mlxman.server.runner import serve as run_server
+    from mlxman.server.security import is_loopback
+
+    config = load_config()
+    address = server_address(host, config.get("host"), _config_port(config.get("port")) or DEFAULT_PORT)
+    keep_alive_spec = str(keep_alive or config.get("keep_alive") or DEFAULT_KEEP_ALIVE)
+    options = ServeOptions(
+        host=address.host,
+        port=port or address.port,
+        budget=resolve_budget(memory_limit, config, system_memory().total),
+        keep_alive=parse_keep_alive(keep_alive_spec),
+        keep_alive_spec=keep_alive_spec,
+        preload=preload or [],
+        roots=adapter_root or [],
+        api_key=_api_key(api_key_env),
+    )
+    if not is_loopback(options.host) and not options.api_key:
+        out.warn(
+            f"Serving on {options.host} without an API key: anyone who can reach this port can use and steer "
+            f"the pool; set {API_KEY_ENV} (or --api-key-env NAME)"
+        )
+    run_server(options, out.info)
+
+
+def _api_key(env_name: str | None) -> str | None:
+    name = env_name or API_KEY_ENV
+    key = os.environ.get(name, "").strip()
+    if env_name and not key:
+        raise UsageError(f"--api-key-env names {env_name}, which is empty or unset", f"export {env_name}=KEY")
+    return key or None
+
+
+def _config_port(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    raise UsageError(f"Invalid port {value!r} in the config file", "use a number from 1 to 65535")

@@ -1,0 +1,152 @@
+"""A small client for a running ``mlxman serve``: where it listens, and its pool admin API."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from mlxman.errors import MlxmanError, NotFoundError, ServerError, UsageError
+from mlxman.settings import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, HOST_ENV
+
+# Admin calls that load a model can take a while; status probes must not.
+REQUEST_TIMEOUT = 600.0
+PROBE_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a server listens."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_address(text: str, source: str = "--host", default_port: int = DEFAULT_PORT) -> Address:
+    """``host``, ``host:port``, ``:port`` or ``http://host:port`` (as ``OLLAMA_HOST`` takes them)."""
+    raw = text.strip()
+    if not raw:
+        raise UsageError(f"Empty server address (from {source})", "use host:port, such as 127.0.0.1:11435")
+    parsed = urlsplit(raw if "://" in raw else f"http://{raw}")
+    if parsed.scheme not in ("http", ""):
+        raise UsageError(f"Unsupported scheme in {text!r} (from {source})", "mlxman serve speaks plain http")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise UsageError(
+            f"Invalid port in {text!r} (from {source})", "use a port between 1 and 65535"
+        ) from None
+    return Address(host=parsed.hostname or DEFAULT_HOST, port=port or default_port)
+
+
+def server_address(
+    flag: str | None = None, fallback: str | None = None, default_port: int = DEFAULT_PORT
+) -> Address:
+    """The address from the flag, else ``$MLXMAN_HOST``, else ``fallback`` (from config), else the default."""
+    if flag:
+        return parse_address(flag, "--host", default_port)
+    env = os.environ.get(HOST_ENV)
+    if env:
+        return parse_address(env, HOST_ENV, default_port)
+    if fallback:
+        return parse_address(fallback, "config file", default_port)
+    return Address(DEFAULT_HOST, default_port)
+
+
+def is_listening(address: Address, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether anything accepts connections there (cheap: no HTTP library needed)."""
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class PoolClient:
+    """The admin API of a running server; errors come back as MlxmanError subclasses."""
+
+    def __init__(
+        self, address: Address, api_key: str | None = None, timeout: float = REQUEST_TIMEOUT
+    ) -> None:
+        self.address = address
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.timeout = timeout
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health")
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/api/pool")
+
+    def load(
+        self,
+        model: str,
+        adapter: str | None = None,
+        *,
+        pin: bool = False,
+        keep_alive: str | None = None,
+        kind: str | None = None,
+    ) -> dict[str, Any]:
+        body = {"model": model, "adapter": adapter, "pin": pin, "keep_alive": keep_alive, "kind": kind}
+        return self._call("POST", "/api/pool/load", body)
+
+    def unload(self, key: str) -> dict[str, Any]:
+        return self._call("POST", "/api/pool/unload", {"key": key})
+
+    def pin(self, key: str) -> dict[str, Any]:
+        return self._call("POST", "/api/pool/pin", {"key": key})
+
+    def unpin(self, key: str) -> dict[str, Any]:
+        return self._call("POST", "/api/pool/unpin", {"key": key})
+
+    def estimate(self, model: str, adapters: list[str]) -> dict[str, Any]:
+        return self._call("POST", "/api/pool/estimate", {"model": model, "adapters": adapters})
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            response = httpx.request(
+                method, self.address.url + path, json=body, headers=headers, timeout=self.timeout
+            )
+        except httpx.ConnectError:
+            raise ServerError(
+                f"No mlxman server is running at {self.address}",
+                f"start one with `mlxman serve`, or point --host / ${HOST_ENV} at it",
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ServerError(
+                f"The server at {self.address} did not answer: {exc}", "check that it is up"
+            ) from None
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if response.is_success and isinstance(data, dict):
+            return data
+        raise _error_from(response.status_code, data, self.address)
+
+
+def _error_from(status: int, data: Any, address: Address) -> MlxmanError:
+    """An OpenAI-style error body, back into the matching mlxman error."""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = str(error.get("message")) if isinstance(error, dict) else f"HTTP {status} from {address}"
+    hint = error.get("hint") if isinstance(error, dict) else None
+    if status == 401:
+        return ServerError(message, f"set ${API_KEY_ENV} to the server's API key")
+    if status == 404:
+        return NotFoundError(message, hint or "see `mlxman pool status` for what is loaded")
+    if 400 <= status < 500:
+        return UsageError(message, hint)
+    return ServerError(message, hint)

@@ -1,0 +1,298 @@
+"""OpenAI-compatible endpoints: models, chat and text completions (streamed or not), embeddings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from mlxman.errors import UsageError
+from mlxman.generate import GenerationRequest
+from mlxman.server.errors import describe
+from mlxman.server.jobs import Failed, Finished, GenerationJob, Piece
+from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from mlxman.server.security import ModelRef
+from mlxman.server.state import ServerState
+from mlxman.settings import DEFAULT_MAX_TOKENS
+
+router = APIRouter(prefix="/v1")
+
+Kind = Literal["chat", "text"]
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state
+
+
+def _loaded_keys(state: ServerState) -> set[str]:
+    return {entry.key for entry in state.pool.status().entries}
+
+
+def resolve_model(state: ServerState, name: str) -> ModelRef:
+    return state.policy.resolve(name, _loaded_keys(state))
+
+
+def _note(request: Request, key: str, extra: str = "") -> None:
+    """Detail for the request log line."""
+    request.state.log_detail = f"model={key}{extra}"
+
+
+@router.get("/models")
+def list_models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    entries = state.pool.status().entries
+    created = int(state.started)
+    return {
+        "object": "list",
+        "data": [
+            {"id": e.key, "object": "model", "created": created, "owned_by": "mlxman", "kind": e.kind}
+            for e in entries
+        ],
+    }
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    # OpenAI's newer "developer" role is what chat templates call "system".
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    generation = GenerationRequest(
+        messages=messages,
+        max_tokens=body.token_limit() or DEFAULT_MAX_TOKENS,
+        temperature=body.temperature if body.temperature is not None else 0.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        seed=body.seed,
+    )
+    return await _complete(
+        request, "chat", body.model, generation, body.stop_sequences(), body.stream, body.include_usage()
+    )
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    prompt = body.prompt_text()
+    if not prompt:
+        raise UsageError("The prompt is empty", "send a non-empty prompt")
+    generation = GenerationRequest(
+        prompt=prompt,
+        raw=True,
+        max_tokens=body.token_limit() or DEFAULT_MAX_TOKENS,
+        temperature=body.temperature if body.temperature is not None else 0.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        seed=body.seed,
+    )
+    prefix = prompt if body.echo else ""
+    return await _complete(
+        request,
+        "text",
+        body.model,
+        generation,
+        body.stop_sequences(),
+        body.stream,
+        body.include_usage(),
+        prefix,
+    )
+
+
+async def _complete(
+    request: Request,
+    kind: Kind,
+    model_name: str,
+    generation: GenerationRequest,
+    stops: list[str],
+    stream: bool,
+    include_usage: bool,
+    prefix: str = "",
+) -> Any:
+    state = _state(request)
+    generation.check()
+    ref = await anyio.to_thread.run_sync(resolve_model, state, model_name)
+    _note(request, ref.key)
+    job = GenerationJob(lambda: state.pool.acquire(ref.model, ref.adapter), generation, stops)
+    state.admit(job)
+    shape = _Shape(kind, ref.key)
+    if stream:
+        events = _stream(job, shape, include_usage, prefix, request)
+        return EventStream(events, on_close=lambda: _end(state, job))
+    try:
+        return await _collect(job, shape, prefix, request)
+    finally:
+        _end(state, job)
+
+
+def _end(state: ServerState, job: GenerationJob) -> None:
+    job.cancel()
+    state.release(job)
+
+
+async def _collect(job: GenerationJob, shape: _Shape, prefix: str, request: Request) -> dict[str, Any]:
+    text = prefix
+    async with anyio.create_task_group() as group:
+        # A client that hangs up on a non-streamed request also stops its generation.
+        group.start_soon(_cancel_on_disconnect, request, job)
+        async for event in job.events():
+            if isinstance(event, Piece):
+                text += event.text
+            elif isinstance(event, Failed):
+                group.cancel_scope.cancel()
+                _raise(event.error)
+            elif isinstance(event, Finished):
+                group.cancel_scope.cancel()
+                _note(request, shape.model, _stats_note(event))
+                return shape.whole(text, event)
+    raise AssertionError("a generation always ends with Finished or Failed")
+
+
+async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
+    while not await request.is_disconnected():
+        await anyio.sleep(0.25)
+    job.cancel()
+
+
+async def _stream(
+    job: GenerationJob, shape: _Shape, include_usage: bool, prefix: str, request: Request
+) -> AsyncGenerator[str, None]:
+    yield _sse(shape.chunk(prefix, first=True))
+    async for event in job.events():
+        if isinstance(event, Piece):
+            yield _sse(shape.chunk(event.text))
+        elif isinstance(event, Failed):
+            # Headers are sent already: the error goes into the stream, in the OpenAI error shape.
+            yield _sse(describe(event.error)[1])
+        elif isinstance(event, Finished):
+            _note(request, shape.model, _stats_note(event))
+            yield _sse(shape.chunk("", finish_reason=event.finish_reason))
+            if include_usage:
+                yield _sse(shape.usage_chunk(event))
+    yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _raise(error: BaseException) -> None:
+    if isinstance(error, Exception):
+        raise error
+    raise RuntimeError(f"generation stopped: {error!r}")
+
+
+def _stats_note(event: Finished) -> str:
+    s = event.stats
+    return (
+        f" prompt={s.prompt_tokens} completion={s.generation_tokens} "
+        f"tps={s.generation_tps:.1f} finish={event.finish_reason}"
+    )
+
+
+class _Shape:
+    """Builds chat or text completion bodies and chunks with one id and timestamp."""
+
+    def __init__(self, kind: Kind, model: str) -> None:
+        self.kind = kind
+        self.model = model
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(event: Finished) -> dict[str, int]:
+        p, c = event.stats.prompt_tokens, event.stats.generation_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @staticmethod
+    def reason(event: Finished) -> str:
+        return event.finish_reason if event.finish_reason in ("stop", "length") else "stop"
+
+    def whole(self, text: str, event: Finished) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": self.reason(event),
+                "logprobs": None,
+            }
+            return {**self._base("chat.completion"), "choices": [choice], "usage": self.usage(event)}
+        choice = {"index": 0, "text": text, "finish_reason": self.reason(event), "logprobs": None}
+        return {**self._base("text_completion"), "choices": [choice], "usage": self.usage(event)}
+
+    def chunk(self, text: str, *, first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+        if finish_reason is not None and finish_reason not in ("stop", "length"):
+            finish_reason = "stop"
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            if finish_reason is not None:
+                delta = {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, event: Finished) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": self.usage(event)}
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose producer is always closed, so a dropped client stops its generation."""
+
+    def __init__(self, content: AsyncGenerator[str, None], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._source = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            await self._source.aclose()
+
+
+@router.post("/embeddings", response_model=None)
+async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+    state = _state(request)
+    texts = body.texts()
+    if any(not t for t in texts):
+        raise UsageError("An input text is empty", "send non-empty strings in `input`")
+    ref = await anyio.to_thread.run_sync(resolve_model, state, body.model)
+    _note(request, ref.key)
+
+    def embed() -> Any:
+        with state.pool.acquire(ref.model, ref.adapter) as lease:
+            if lease.kind != "embeddings":
+                raise UsageError(
+                    f"{ref.key} is a {lease.kind} model, not an embeddings model",
+                    "name an embeddings model (such as a sentence-transformers BERT) in `model`",
+                )
+            from mlxman.embed import embed_texts
+
+            return embed_texts(lease.model, lease.tokenizer, texts)
+
+    result = await anyio.to_thread.run_sync(embed)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
+        for i, vector in enumerate(result.vectors)
+    ]
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return JSONResponse({"object": "list", "data": data, "model": ref.key, "usage": usage})
+
+
+def _encode(vector: list[float], encoding: str) -> Any:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector

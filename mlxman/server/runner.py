@@ -1,0 +1,133 @@
+"""Run the server: bind, preload, serve with uvicorn, and shut down cleanly on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from mlxman.errors import ServerError
+from mlxman.memory import Budget, format_bytes
+from mlxman.server.security import split_key
+
+# Seconds in-flight requests get to finish after a stop signal before they are cancelled.
+GRACEFUL_SHUTDOWN_SECONDS = 3
+# Seconds to wait for generation threads to hand back their leases before the pool is closed.
+THREAD_DRAIN_SECONDS = 10.0
+
+Narrate = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str
+    port: int
+    budget: Budget
+    keep_alive: float
+    keep_alive_spec: str
+    preload: Sequence[str] = ()
+    roots: Sequence[Path] = ()
+    api_key: str | None = None
+
+
+def setup_logging() -> None:
+    """Request lines and server events go to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    for name, level in (("mlxman.server", logging.INFO), ("uvicorn.error", logging.WARNING)):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Listen before the slow part (preloading), so a busy port fails at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServerError(
+            f"Cannot resolve host {host!r}: {exc}", "pass --host with an IP address or name"
+        ) from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ServerError(
+            f"Cannot listen on {host}:{port}: {exc.strerror or exc}",
+            "stop the other server on that port, or pass another --port",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(options: ServeOptions, narrate: Narrate) -> None:
+    """Serve until SIGINT or SIGTERM; the pool is closed (models freed) before returning."""
+    import uvicorn
+
+    from mlxman.pool import ModelPool
+    from mlxman.server.app import create_app
+    from mlxman.server.state import ServerConfig
+
+    setup_logging()
+    sock = bind(options.host, options.port)
+    pool = ModelPool(options.budget.limit_bytes, keep_alive=options.keep_alive)
+    try:
+        for key in options.preload:
+            model, adapter = split_key(key)
+            narrate(f"Loading {key}")
+            entry = pool.load(model, adapter, pin=True, keep_alive=-1)
+            narrate(f"Loaded {entry.key} ({entry.kind}, {format_bytes(entry.accounted_bytes)}, pinned)")
+        budget = {"spec": options.budget.spec, "source": options.budget.source}
+        config = ServerConfig(
+            host=options.host, port=options.port, api_key=options.api_key, roots=options.roots, budget=budget
+        )
+        app = create_app(pool, config)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+                lifespan="on",
+            )
+        )
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        limit = format_bytes(options.budget.limit_bytes)
+        narrate(
+            f"Serving on http://{host}:{options.port} (pool limit {limit}, "
+            f"keep-alive {options.keep_alive_spec}); stop with Ctrl-C"
+        )
+        with _signals_recorded():
+            server.run(sockets=[sock])
+        narrate("Stopping: waiting for generations to release the pool")
+        app.state.server.drain(THREAD_DRAIN_SECONDS)
+    finally:
+        sock.close()
+        pool.close()
+    narrate("Stopped")
+
+
+@contextmanager
+def _signals_recorded() -> Iterator[None]:
+    """uvicorn re-raises the stop signal after its own shutdown: record it instead, so the process exits 0."""
+
+    def record(sig: int, frame: FrameType | None) -> None:
+        pass
+
+    old = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
