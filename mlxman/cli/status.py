@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rich.table import Table
 
@@ -20,6 +21,7 @@ class StatusReport:
     budget: Budget
     user_dir: str
     config_file: str | None
+    pool: dict[str, Any] | None = None
 
 
 def collect(memory_limit: str | None) -> StatusReport:
@@ -32,7 +34,18 @@ def collect(memory_limit: str | None) -> StatusReport:
         budget=budget,
         user_dir=str(user_dir()),
         config_file=str(config.path) if config.exists else None,
+        pool=_server_pool(),
     )
+
+
+def _server_pool() -> dict[str, Any] | None:
+    """The running server's pool (address from $MLXMAN_HOST or the default); None when none answers."""
+    from mlxman.cli.pool import running_pool
+    from mlxman.client import server_address
+
+    address = server_address()
+    pool = running_pool(address)
+    return None if pool is None else {"running": True, "address": address.url, **pool}
 
 
 def render(report: StatusReport) -> None:
@@ -59,6 +72,12 @@ def render(report: StatusReport) -> None:
     grid.add_row("User dir", report.user_dir)
     grid.add_row("Config", report.config_file or "none")
     out.show(grid)
+    if report.pool is not None:
+        from mlxman.cli.pool import render_pool
+        from mlxman.client import parse_address
+
+        out.text("\nPool of the server at " + report.pool["address"])
+        render_pool(report.pool, parse_address(report.pool["address"]))
 
 
 def status(json_output: JsonOption = False, memory_limit: MemoryLimitOption = None) -> None:

@@ -1,0 +1,126 @@
+"""``mlxman pool ...`` and ``mlxman status`` against a real server with no roots, and without any server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from mlxman.demo import DEMO_PROMPT, DemoKit
+from tests.helpers import imported_heavy_modules, run_cli, run_subprocess
+from tests.server_harness import Server, free_port, running_server
+
+
+@pytest.fixture(scope="module")
+def server(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    logs = tmp_path_factory.mktemp("pool-server-logs")
+    preload = f"{demo_kit.model}::{demo_kit.adapters['colors']}"
+    with running_server(logs, "--preload", preload, "--keep-alive", "10m") as srv:
+        yield srv
+
+
+def ask(server: Server, model: str) -> str:
+    response = server.openai().chat.completions.create(
+        model=model, messages=[{"role": "user", "content": DEMO_PROMPT}], max_tokens=24, temperature=0
+    )
+    return str(response.choices[0].message.content)
+
+
+def test_status_without_a_server_shows_the_budget() -> None:
+    host = f"127.0.0.1:{free_port()}"
+    result = run_cli("pool", "status", "--host", host)
+    assert result.exit_code == 0
+    assert "No mlxman server is running" in result.stderr
+    assert "budget" in result.stdout
+    data = json.loads(run_cli("pool", "status", "--host", host, "--json").stdout)
+    assert data["running"] is False and data["budget"]["limit_bytes"] > 0
+
+
+def test_status_and_help_do_not_import_heavy_modules() -> None:
+    assert imported_heavy_modules("pool", "status", "--host", f"127.0.0.1:{free_port()}") == []
+    assert imported_heavy_modules("serve", "--help") == []
+
+
+def test_estimate_without_a_server(demo_kit: DemoKit) -> None:
+    host = f"127.0.0.1:{free_port()}"
+    adapters = [a for name in ("colors", "numbers") for a in ("--adapter", str(demo_kit.adapters[name]))]
+    result = run_cli("pool", "estimate", str(demo_kit.model), *adapters, "--host", host, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["fits"] is True and data["would_evict"] == []
+    assert data["weights_bytes"] > 0 and data["adapters_bytes"] > 0 and data["kv_bytes"] > 0
+    assert data["needed_bytes"] == data["weights_bytes"] + data["adapters_bytes"] + data["kv_bytes"]
+    tight = run_cli("pool", "estimate", str(demo_kit.model), "--memory-limit", "1KiB", "--json")
+    assert json.loads(tight.stdout)["fits"] is False
+    table = run_cli("pool", "estimate", str(demo_kit.model), "--host", host)
+    assert "Fits" in table.stdout and "KV headroom" in table.stdout
+
+
+def test_only_operator_loaded_entries_may_be_named(server: Server, demo_kit: DemoKit) -> None:
+    assert ask(server, f"{demo_kit.model}::{demo_kit.adapters['colors']}").startswith(
+        demo_kit.answers["colors"]
+    )
+    ask(server, str(demo_kit.model))  # the resident base itself
+    with pytest.raises(openai.PermissionDeniedError, match="not loaded"):
+        ask(server, f"{demo_kit.model}::{demo_kit.adapters['numbers']}")
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(server, str(demo_kit.embeddings_model))
+
+
+def test_pool_commands_steer_the_server(server: Server, demo_kit: DemoKit, tmp_path: Path) -> None:
+    host = ["--host", server.host]
+    numbers = demo_kit.adapters["numbers"]
+    key = f"{demo_kit.model.resolve()}::{numbers.resolve()}"
+
+    loaded = run_cli("pool", "load", str(demo_kit.model), "--adapter", str(numbers), "--pin", *host, "--json")
+    assert loaded.exit_code == 0, loaded.stderr
+    entry = json.loads(loaded.stdout)
+    assert (
+        entry["key"] == key and entry["pinned"] is True and entry["parent"] == str(demo_kit.model.resolve())
+    )
+    assert ask(server, key).startswith(demo_kit.answers["numbers"])
+
+    table = run_cli("pool", "status", *host)
+    assert table.exit_code == 0
+    for header in ("KEY", "KIND", "SIZE", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
+        assert header in table.stdout
+    assert "numbers" in table.stdout and "Used" in table.stdout
+
+    assert run_cli("pool", "unpin", key, *host).exit_code == 0
+    assert not next(e for e in server.pool()["entries"] if e["key"] == key)["pinned"]
+    assert run_cli("pool", "pin", key, *host).exit_code == 0
+    assert next(e for e in server.pool()["entries"] if e["key"] == key)["pinned"]
+
+    unloaded = run_cli("pool", "unload", key, *host)
+    assert unloaded.exit_code == 0 and "Unloaded" in unloaded.stderr
+    assert key not in server.pool_keys()
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(server, key)
+
+    missing = run_cli("pool", "unload", str(tmp_path / "nothing"), *host)
+    assert missing.exit_code == 1 and "Error:" in missing.stderr and "not loaded" in missing.stderr
+
+    estimate = json.loads(run_cli("pool", "estimate", str(demo_kit.model), *host, "--json").stdout)
+    assert estimate["source"].startswith("server") and str(demo_kit.model.resolve()) in estimate["resident"]
+
+
+def test_pool_status_json_and_mlxman_status(server: Server, demo_kit: DemoKit) -> None:
+    data = json.loads(run_cli("pool", "status", "--host", server.host, "--json").stdout)
+    assert data["running"] is True
+    assert str(demo_kit.model.resolve()) in {e["key"] for e in data["entries"]}
+    assert data["budget_bytes"] > 0 and data["budget"]["source"]
+    status = run_cli("status", "--json", env={"MLXMAN_HOST": server.host})
+    assert status.exit_code == 0
+    pool = json.loads(status.stdout)["pool"]
+    assert pool["running"] is True and pool["entries"]
+    assert "Pool of the server" in run_cli("status", env={"MLXMAN_HOST": server.host}).stdout
+
+
+def test_serve_refuses_a_busy_port_and_an_empty_key_variable(server: Server) -> None:
+    busy = run_subprocess("serve", "--port", str(server.port))
+    assert busy.returncode == 1 and "Cannot listen" in busy.stderr and "Traceback" not in busy.stderr
+    no_key = run_subprocess("serve", "--port", str(free_port()), "--api-key-env", "MLXMAN_TEST_UNSET_KEY")
+    assert no_key.returncode == 2 and "MLXMAN_TEST_UNSET_KEY" in no_key.stderr
