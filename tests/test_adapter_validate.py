@@ -193,3 +193,24 @@ def test_deep_check_api_on_sound_adapter(demo_kit: DemoKit) -> None:
     report = validate_adapter(demo_kit.adapters["colors"], demo_kit.model)
     deep_check(report, demo_kit.model)
     assert report.ok and report.deep
+
+
+def test_mlx_vlm_and_peft_formats_are_detected(demo_kit: DemoKit, tmp_path: Path) -> None:
+    """mlx-vlm's legacy adapters ({rank, alpha, dropout}, fully qualified .A/.B) validate as mlx-vlm."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    vlm = tmp_path / "vlm"
+    vlm.mkdir()
+    (vlm / "adapter_config.json").write_text(json.dumps({"rank": 4, "alpha": 0.1, "dropout": 0.0}))
+    tensors = {}
+    for layer in (0, 1):
+        prefix = f"language_model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.A"] = np.zeros((64, 4), np.float32)
+        tensors[f"{prefix}.B"] = np.zeros((4, 64), np.float32)
+    save_file(tensors, str(vlm / "adapters.safetensors"))
+    report = validate_adapter(vlm)
+    assert report.format == "mlx-vlm" and report.ok, report.summary()
+    tensors["language_model.model.layers.0.self_attn.q_proj.B"] = np.zeros((2, 64), np.float32)
+    save_file(tensors, str(vlm / "adapters.safetensors"))
+    assert not validate_adapter(vlm).ok
