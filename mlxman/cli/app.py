@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mlxman import __version__
-from mlxman.cli import adapter, pool, serve, status
+from mlxman.cli import adapter, demo, embed, generate, pool, serve, status
 from mlxman.cli.errors import MlxmanGroup
 
 app = typer.Typer(
@@ -36,6 +36,9 @@ def root(
     """Run, pool and check MLX models and LoRA adapters on one machine's memory."""
 
 
+app.command("generate")(generate.generate)
+app.command("embed")(embed.embed)
+app.command("demo")(demo.demo)
 app.command("status")(status.status)
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(pool.app, name="pool")

@@ -1,0 +1,105 @@
+"""One-shot answers through a pool: what ``generate`` and ``demo`` run for each model+adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlxman.errors import UsageError
+from mlxman.generate import GenerationRequest, GenerationStats, TextGeneration, prompt_tokens
+from mlxman.memory import resolve_budget, system_memory
+from mlxman.pool import ModelPool
+from mlxman.settings import load_config
+
+
+@contextmanager
+def open_pool(memory_limit: str | None) -> Iterator[ModelPool]:
+    """A pool for one command: it keeps what it loads until the command ends, then frees it all."""
+    budget = resolve_budget(memory_limit, load_config(), system_memory().total)
+    pool = ModelPool(budget.limit_bytes, keep_alive=-1)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@dataclass
+class Answer:
+    """One model(+adapter) answer with its timings, filled in as it is generated."""
+
+    model: str
+    adapter: str | None
+    key: str = ""
+    kind: str = ""
+    text: str = ""
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    load_seconds: float = 0.0
+    swap_seconds: float = 0.0
+    base_was_resident: bool = False
+
+    @classmethod
+    def start(cls, model: str, adapter: str | None) -> Answer:
+        return cls(model=model, adapter=adapter)
+
+    @property
+    def label(self) -> str:
+        return Path(self.adapter).name if self.adapter else "base"
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "model": self.model,
+            "adapter": self.adapter,
+            "key": self.key,
+            "kind": self.kind,
+            "text": self.text,
+            "finish_reason": s.finish_reason,
+            "prompt_tokens": s.prompt_tokens,
+            "generation_tokens": s.generation_tokens,
+            "prompt_tps": s.prompt_tps,
+            "generation_tps": s.generation_tps,
+            "time_to_first_token": s.time_to_first_token,
+            "generation_seconds": s.seconds,
+            "load_seconds": self.load_seconds,
+            "swap_seconds": self.swap_seconds,
+            "base_was_resident": self.base_was_resident,
+            "peak_memory_bytes": s.peak_memory_bytes,
+        }
+
+
+def run_answer(
+    pool: ModelPool,
+    answer: Answer,
+    request: GenerationRequest,
+    on_text: Callable[[str], None] | None = None,
+) -> Answer:
+    """Acquire the model+adapter from the pool and generate; ``on_text`` sees each piece as it comes."""
+    with pool.acquire(answer.model, answer.adapter) as lease:
+        answer.key, answer.kind = lease.key, lease.kind
+        answer.load_seconds, answer.swap_seconds = lease.load_seconds, lease.swap_seconds
+        answer.base_was_resident = lease.base_was_resident
+        generation = _generation_for(lease, request)
+        answer.stats = generation.stats
+        for piece in generation:
+            answer.text += piece
+            if on_text is not None:
+                on_text(piece)
+    return answer
+
+
+def _generation_for(lease: Any, request: GenerationRequest) -> Any:
+    if lease.kind == "embeddings":
+        raise UsageError(
+            f"{lease.key} is an embeddings model and cannot generate text",
+            f"use `mlxman embed --model {lease.key} TEXT...`",
+        )
+    if lease.kind == "vision":
+        from mlxman.vision import VisionGeneration
+
+        return VisionGeneration(lease.model, lease.tokenizer, request)
+    if request.images:
+        raise UsageError(f"--image needs a vision model, but {lease.key} is a text model", "drop --image")
+    return TextGeneration(lease.model, lease.tokenizer, prompt_tokens(lease.tokenizer, request), request)

@@ -1,0 +1,58 @@
+"""``mlxman demo``: build the offline demo kit, then show one base answering with each adapter."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mlxman.answers import Answer, open_pool, run_answer
+from mlxman.cli.options import JsonOption, MemoryLimitOption
+from mlxman.demo.kit import DEMO_PROMPT, ensure_demo_kit
+from mlxman.generate import GenerationRequest
+from mlxman.memory import format_bytes
+from mlxman.output import out
+
+DEMO_MAX_TOKENS = 24
+
+
+def demo(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt every adapter answers.")] = DEMO_PROMPT,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build the demo kit again from scratch.")] = False,
+    json_output: JsonOption = False,
+    memory_limit: MemoryLimitOption = None,
+) -> None:
+    """Build (once) a small local model and adapters, then compare their answers over one resident base."""
+    with out.stderr.status("Preparing the demo kit…") as spinner:
+        kit = ensure_demo_kit(progress=lambda msg: spinner.update(msg + "…"), force=rebuild)
+    out.info(f"Demo kit: {kit.root}")
+    request = GenerationRequest(prompt=prompt, max_tokens=DEMO_MAX_TOKENS)
+    answers: list[Answer] = []
+    with open_pool(memory_limit) as pool:
+        for adapter in [None, *kit.adapters.values()]:
+            answers.append(run_answer(pool, Answer.start(str(kit.model), str(adapter) if adapter else None), request))
+        status = pool.status()
+    if json_output:
+        out.json({"prompt": prompt, "answers": [a.as_dict() for a in answers], "pool": status})
+        return
+    table = Table(title=f"Prompt: {prompt}", title_justify="left", header_style="title")
+    for column in ("ADAPTER", "ANSWER", "BASE", "SWAP", "TOK/S"):
+        table.add_column(column)
+    for a in answers:
+        base = "resident" if a.base_was_resident else f"loaded {a.load_seconds:.2f}s"
+        table.add_row(a.label, a.text or "(empty)", base, f"{a.swap_seconds * 1000:.1f} ms", f"{a.stats.generation_tps:.0f}")
+    out.show(table)
+    _show_pool(status)
+
+
+def _show_pool(status: object) -> None:
+    entries = getattr(status, "entries", [])
+    rows = [
+        (e.key, e.kind, format_bytes(e.estimated_bytes), format_bytes(e.measured_bytes))
+        for e in entries
+    ]
+    out.table(["key", "kind", "estimated", "measured"], rows, title="Pool")
+    used = getattr(status, "used_bytes", None)
+    budget = getattr(status, "budget_bytes", None)
+    out.info(f"Pool memory: {format_bytes(used)} of {format_bytes(budget)} budget")

@@ -1,0 +1,122 @@
+"""Text generation on a loaded model: prompt building (chat templates) and streaming with stats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxman.errors import UsageError
+from mlxman.settings import DEFAULT_MAX_TOKENS
+
+# Upper bound for one request: a typo like --max-tokens 1e9 should fail fast, not run for hours.
+MAX_TOKENS_LIMIT = 32768
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: a prompt (or chat messages) and the sampling settings."""
+
+    prompt: str = ""
+    messages: Sequence[dict[str, Any]] | None = None
+    system: str | None = None
+    raw: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    images: Sequence[str] = ()
+
+    def check(self) -> None:
+        """Reject nonsense before any model work."""
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise UsageError(
+                f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {self.max_tokens}",
+                "pass a smaller --max-tokens",
+            )
+        if not 0.0 <= self.temperature <= 10.0:
+            raise UsageError(f"temperature must be in [0, 10], got {self.temperature}", "use e.g. --temp 0.7")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", "use e.g. --top-p 0.9")
+        if self.messages is None and not self.prompt:
+            raise UsageError("The prompt is empty", "pass --prompt TEXT or pipe the prompt on stdin")
+
+
+@dataclass
+class GenerationStats:
+    """Counters in the style of ``ollama run --verbose`` and mlx-lm."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    time_to_first_token: float = 0.0
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    finish_reason: str | None = None
+
+
+def chat_messages(request: GenerationRequest) -> list[dict[str, Any]]:
+    if request.messages is not None:
+        return [dict(m) for m in request.messages]
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.append({"role": "user", "content": request.prompt})
+    return messages
+
+
+def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """Token ids for the request: the chat template when the tokenizer has one and ``raw`` is off."""
+    if not request.raw and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(chat_messages(request), add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    if request.messages is not None:
+        text = "\n".join(str(m.get("content", "")) for m in request.messages)
+    else:
+        text = f"{request.system}\n{request.prompt}" if request.system else request.prompt
+    return list(tokenizer.encode(text))
+
+
+@dataclass
+class TextGeneration:
+    """Iterate for text pieces as they are decoded; ``stats`` is complete once iteration ends."""
+
+    model: Any
+    tokenizer: Any
+    tokens: list[int]
+    request: GenerationRequest
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=self.request.temperature, top_p=self.request.top_p)
+        if self.request.seed is not None:
+            mx.random.seed(self.request.seed)
+        stats = self.stats
+        stats.prompt_tokens = len(self.tokens)
+        mx.reset_peak_memory()
+        started = time.perf_counter()
+        try:
+            for response in stream_generate(
+                self.model, self.tokenizer, self.tokens, max_tokens=self.request.max_tokens, sampler=sampler
+            ):
+                if not stats.time_to_first_token:
+                    stats.time_to_first_token = time.perf_counter() - started
+                stats.generation_tokens = response.generation_tokens
+                stats.prompt_tps = response.prompt_tps
+                stats.generation_tps = response.generation_tps
+                stats.finish_reason = response.finish_reason
+                if response.text:
+                    self.text += response.text
+                    yield response.text
+        finally:
+            stats.seconds = time.perf_counter() - started
+            stats.peak_memory_bytes = int(mx.get_peak_memory())
+            if stats.finish_reason is None:
+                stats.finish_reason = "interrupted"
