@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from mlxman.cli.options import JsonOption, MemoryLimitOption
 from mlxman.client import PROBE_TIMEOUT, Address, PoolClient, is_listening, server_address
@@ -59,39 +60,40 @@ def _until(entry: dict[str, Any]) -> str:
         return "forever"
     seconds = int(seconds)
     if seconds < 60:
-        return f"{seconds} s from now"
+        return f"{seconds}s from now"
     minutes, seconds = divmod(seconds, 60)
     if minutes < 60:
-        return f"{minutes} min {seconds} s from now"
-    return f"{minutes // 60} h {minutes % 60} min from now"
+        return f"{minutes}m{seconds:02d}s from now"
+    return f"{minutes // 60}h{minutes % 60:02d}m from now"
 
 
 def _size(entry: dict[str, Any]) -> str:
     measured = entry.get("measured_bytes")
-    text = f"{format_bytes(entry['estimated_bytes'])} est"
-    if measured is not None:
-        text += f" / {format_bytes(measured)}"
-    if entry.get("kv_bytes"):
-        text += f" + {format_bytes(entry['kv_bytes'])} KV"
-    return text
+    estimated = format_bytes(entry["estimated_bytes"])
+    return estimated if measured is None else f"{estimated} / {format_bytes(measured)}"
 
 
 def render_pool(status: dict[str, Any], address: Address) -> None:
     """The pool as ``ollama ps`` shows its models: one row per entry, then totals against the budget."""
-    rows = [
-        [
-            escape(e["key"]),
-            e["kind"] if e.get("parent") is None else "adapter",
-            _size(e),
-            len(e.get("adapters") or []) or "-",
-            "yes" if e.get("pinned") else "no",
-            e.get("in_use", 0),
-            _until(e),
-        ]
-        for e in status.get("entries", [])
-    ]
-    if rows:
-        out.table(["key", "kind", "size (est / measured)", "adapters", "pinned", "in use", "until"], rows)
+    entries = status.get("entries", [])
+    if entries:
+        # Keys fold instead of being cut: they are what `pool unload` and requests take.
+        table = Table(box=None, header_style="title", pad_edge=False)
+        table.add_column("KEY", overflow="fold", ratio=1)
+        for column in ("KIND", "SIZE (EST / MEASURED)", "KV", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
+            table.add_column(column, no_wrap=column != "SIZE (EST / MEASURED)")
+        for e in entries:
+            table.add_row(
+                escape(e["key"]),
+                e["kind"] if e.get("parent") is None else "adapter",
+                _size(e),
+                format_bytes(e["kv_bytes"]) if e.get("kv_bytes") else "-",
+                str(len(e.get("adapters") or [])) if e.get("parent") is None else "-",
+                "yes" if e.get("pinned") else "no",
+                str(e.get("in_use", 0)),
+                _until(e),
+            )
+        out.show(table)
     else:
         out.text("The pool is empty.")
     budget = status.get("budget") or {}
@@ -237,8 +239,6 @@ def render_estimate(e: dict[str, Any], source: str) -> None:
         ("Fits", verdict),
         ("Asked", source),
     ]
-    from rich.table import Table
-
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="key")
     grid.add_column()

@@ -17,9 +17,10 @@ from starlette.types import Receive, Scope, Send
 
 from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest
+from mlxman.pool import parse_keep_alive
 from mlxman.server.errors import describe
 from mlxman.server.jobs import Failed, Finished, GenerationJob, Piece
-from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
 from mlxman.server.security import ModelRef
 from mlxman.server.state import ServerState
 from mlxman.settings import DEFAULT_MAX_TOKENS
@@ -74,9 +75,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
     )
-    return await _complete(
-        request, "chat", body.model, generation, body.stop_sequences(), body.stream, body.include_usage()
-    )
+    return await _complete(request, body, generation)
 
 
 @router.post("/completions", response_model=None)
@@ -92,38 +91,30 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
     )
-    prefix = prompt if body.echo else ""
-    return await _complete(
-        request,
-        "text",
-        body.model,
-        generation,
-        body.stop_sequences(),
-        body.stream,
-        body.include_usage(),
-        prefix,
-    )
+    return await _complete(request, body, generation, prompt if body.echo else "")
+
+
+def keep_alive_of(body: SamplingFields | EmbeddingRequest) -> float | None:
+    return None if body.keep_alive is None else parse_keep_alive(body.keep_alive)
 
 
 async def _complete(
-    request: Request,
-    kind: Kind,
-    model_name: str,
-    generation: GenerationRequest,
-    stops: list[str],
-    stream: bool,
-    include_usage: bool,
-    prefix: str = "",
+    request: Request, body: SamplingFields, generation: GenerationRequest, prefix: str = ""
 ) -> Any:
     state = _state(request)
     generation.check()
-    ref = await anyio.to_thread.run_sync(resolve_model, state, model_name)
+    keep_alive = keep_alive_of(body)
+    ref = await anyio.to_thread.run_sync(resolve_model, state, body.model)
     _note(request, ref.key)
-    job = GenerationJob(lambda: state.pool.acquire(ref.model, ref.adapter), generation, stops)
+    job = GenerationJob(
+        lambda: state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive),
+        generation,
+        body.stop_sequences(),
+    )
     state.admit(job)
-    shape = _Shape(kind, ref.key)
-    if stream:
-        events = _stream(job, shape, include_usage, prefix, request)
+    shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.key)
+    if body.stream:
+        events = _stream(job, shape, body.include_usage(), prefix, request)
         return EventStream(events, on_close=lambda: _end(state, job))
     try:
         return await _collect(job, shape, prefix, request)
@@ -269,11 +260,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     texts = body.texts()
     if any(not t for t in texts):
         raise UsageError("An input text is empty", "send non-empty strings in `input`")
+    keep_alive = keep_alive_of(body)
     ref = await anyio.to_thread.run_sync(resolve_model, state, body.model)
     _note(request, ref.key)
 
     def embed() -> Any:
-        with state.pool.acquire(ref.model, ref.adapter) as lease:
+        with state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive) as lease:
             if lease.kind != "embeddings":
                 raise UsageError(
                     f"{ref.key} is a {lease.kind} model, not an embeddings model",

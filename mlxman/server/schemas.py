@@ -54,8 +54,13 @@ class StreamOptions(Lenient):
     include_usage: bool = False
 
 
+KeepAlive = Optional[Union[Annotated[str, StringConstraints(max_length=32)], float]]
+
+
 class SamplingFields(Lenient):
     model: ModelName
+    # Ollama's per-request keep-alive ("5m", 0, -1); not part of OpenAI's API.
+    keep_alive: KeepAlive = None
     max_tokens: Optional[MaxTokens] = None
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
@@ -96,6 +101,7 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(Lenient):
     model: ModelName
+    keep_alive: KeepAlive = None
     input: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]]
     encoding_format: Literal["float", "base64"] = "float"
 
