@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ def load_model(path: Path, kind: str, adapter_path: Path | None = None) -> Loade
             "check the model (and adapter) files, or pass --kind if the kind was guessed wrong",
         ) from None
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind)
+
+
+def import_loader(kind: str) -> None:
+    """Import the package for ``kind`` before a load: its import-time arrays are not the model's."""
+    import importlib
+
+    package = {TEXT: "mlx_lm", VISION: "mlx_vlm", EMBEDDINGS: "mlx_embeddings"}.get(kind)
+    if package is None:
+        return
+    # A missing package is reported by load_model, with the install hint.
+    with contextlib.suppress(ImportError):
+        importlib.import_module(package)
 
 
 def _load_vision(path: Path, adapter_path: Path | None) -> tuple[Any, Any]:

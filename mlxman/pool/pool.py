@@ -19,7 +19,7 @@ from mlxman.models.resolve import read_config
 from mlxman.pool import loaders, policy
 from mlxman.pool.estimate import adapter_bytes, model_footprint
 from mlxman.pool.keys import Target, read_adapter_config, resolve_target
-from mlxman.pool.kinds import VISION, check_adapter_allowed, resolve_kind
+from mlxman.pool.kinds import TEXT, VISION, check_adapter_allowed, resolve_kind
 from mlxman.pool.swap import AdapterWeights, read_adapter, swap
 from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_MODELS
 
@@ -457,6 +457,7 @@ class ModelPool:
                 estimated += adapter_bytes(plan.target.adapter)
         self._admit(key, estimated + kv, adds_model)
         try:
+            loaders.import_loader(TEXT if base is not None else plan.kind)
             with self._load_lock:
                 before = mx.get_active_memory()
                 loaded: loaders.LoadedModel | None = None
