@@ -91,13 +91,16 @@ def test_system_message_changes_the_prompt(demo_kit: DemoKit) -> None:
     assert int(str(with_system["prompt_tokens"])) > int(str(plain["prompt_tokens"]))
 
 
-def test_seed_makes_sampling_reproducible(demo_kit: DemoKit) -> None:
-    args = ("--raw", "--temp", "1.5", "--max-tokens", "24")
-    first = generate_json(demo_kit, *args, "--seed", "7")[0]["text"]
-    again = generate_json(demo_kit, *args, "--seed", "7")[0]["text"]
-    other = generate_json(demo_kit, *args, "--seed", "8")[0]["text"]
-    assert first == again
-    assert first != other
+def test_seed_makes_sampling_reproducible(endless_model: Path) -> None:
+    def sample(seed: str) -> str:
+        args = ("--model", str(endless_model), "--prompt", "red", "--temp", "1.5", "--max-tokens", "24", "--json")
+        result = run_cli("generate", *args, "--seed", seed)
+        assert result.exit_code == 0, result.stderr
+        return str(json.loads(result.stdout)[0]["text"])
+
+    first = sample("7")
+    assert first and first == sample("7")
+    assert first != sample("8")
 
 
 def test_embed_shape_and_unit_norm(demo_kit: DemoKit) -> None:
@@ -170,9 +173,9 @@ def test_bad_sampling_settings(demo_kit: DemoKit, args: tuple[str, str], needle:
     assert_clean_error(proc, 2, needle)
 
 
-def test_ctrl_c_stops_cleanly(demo_kit: DemoKit) -> None:
+def test_ctrl_c_stops_cleanly(endless_model: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxman", "generate", "--model", str(demo_kit.model), "--raw", "--prompt", "red",
+        [sys.executable, "-m", "mlxman", "generate", "--model", str(endless_model), "--prompt", "red",
          "--max-tokens", "30000", "--temp", "1.0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
