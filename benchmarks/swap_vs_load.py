@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="where to build (default: a temporary directory)"
     )
+    parser.add_argument("--kit-home", type=Path, default=None, help="the demo kit's home (default: user dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mlxman-bench-"))
 

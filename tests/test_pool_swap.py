@@ -92,11 +92,11 @@ def test_failed_swap_leaves_the_plain_base(demo_kit: DemoKit, tmp_path: Path) ->
     model, _ = load(str(demo_kit.model))
     plain = logits(model)
     colors = read_adapter(demo_kit.adapters["colors"])
-    swap(model, None, colors)
-    assert wrappers(model)
+    applied = swap(model, None, colors).applied
+    assert wrappers(model) and applied is not None
     bad = read_adapter(corrupt_copy(demo_kit.adapters["numbers"], tmp_path / "bad"))
     with pytest.raises(AdapterError) as info:
-        swap(model, colors, bad)
+        swap(model, applied, bad)
     assert "does not match" in info.value.message and info.value.hint
     assert wrappers(model) == []
     assert mx.array_equal(logits(model), plain).item()

@@ -20,7 +20,7 @@ from mlxman.pool import loaders, policy
 from mlxman.pool.estimate import adapter_bytes, model_footprint
 from mlxman.pool.keys import Target, read_adapter_config, resolve_target
 from mlxman.pool.kinds import TEXT, VISION, check_adapter_allowed, resolve_kind
-from mlxman.pool.swap import AdapterWeights, read_adapter, swap
+from mlxman.pool.swap import AdapterWeights, Applied, SwapResult, read_adapter, swap
 from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_MODELS
 
 KNOWN_FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -120,6 +120,7 @@ class _Entry:
     loaded: loaders.LoadedModel | None = None
     adapter: AdapterWeights | None = None
     applied: _Entry | None = None
+    applied_state: Applied | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -540,17 +541,16 @@ class ModelPool:
 
     # -- swapping, release, freeing
 
-    def _swap_to(self, base: _Entry, child: _Entry | None) -> Any:
+    def _swap_to(self, base: _Entry, child: _Entry | None) -> SwapResult:
         """Under the base's lock: make ``child``'s adapter the one applied (None = plain base)."""
         assert base.loaded is not None
-        current = base.applied.adapter if base.applied is not None else None
         nxt = child.adapter if child is not None else None
         try:
-            result = swap(base.loaded.model, current, nxt)
+            result = swap(base.loaded.model, base.applied_state, nxt)
         except BaseException:
-            base.applied = None
+            base.applied, base.applied_state = None, None
             raise
-        base.applied = child
+        base.applied, base.applied_state = (child, result.applied) if nxt is not None else (None, None)
         return result
 
     def _release(self, held: list[_Entry], keep_alive: float | None) -> None:
@@ -585,12 +585,12 @@ class ModelPool:
             if base is not None and base.applied is e and base not in gone:
                 with base.lock:
                     if base.applied is e and base.loaded is not None:
-                        swap(base.loaded.model, e.adapter, None)
-                        base.applied = None
+                        swap(base.loaded.model, base.applied_state, None)
+                        base.applied, base.applied_state = None, None
         for e in gone:
             e.loaded = None
             e.adapter = None
-            e.applied = None
+            e.applied, e.applied_state = None, None
         gc.collect()
         mx.clear_cache()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class AdapterWeights:
     def nbytes(self) -> int:
         return sum(int(w.nbytes) for w in self.weights.values())
 
+    @cached_property
     def structure(self) -> tuple[Any, ...]:
         """Everything but the values and ``scale``: equal structures allow a weights-only swap."""
         p = self.lora_parameters
@@ -88,24 +90,57 @@ def wrappers(model: Any) -> list[tuple[str, Any]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
-def strip_adapter(model: Any) -> int:
-    """Replace every LoRA/DoRA wrapper (nested ones too) by the base module it wraps; return how many."""
+def strip_adapter(model: Any, applied: Applied | None = None) -> int:
+    """Replace every LoRA/DoRA wrapper (nested ones too) by the base module it wraps; return how many.
+
+    With ``applied`` (what the last apply wrapped), no walk over the whole model is needed.
+    """
     from mlx.utils import tree_unflatten
 
     kinds = _wrapper_types()
-    found = sorted(wrappers(model), key=lambda item: item[0].count("."))
-    outer: list[tuple[str, Any]] = []
-    for name, module in found:
-        if not any(name.startswith(prefix + ".") for prefix, _ in outer):
-            outer.append((name, module))
+    if applied is not None:
+        outer = list(applied.wrappers.items())
+    else:
+        found = sorted(wrappers(model), key=lambda item: item[0].count("."))
+        outer = []
+        for name, module in found:
+            if not any(name.startswith(prefix + ".") for prefix, _ in outer):
+                outer.append((name, module))
     if outer:
         model.update_modules(tree_unflatten([(name, _inner(m, kinds)) for name, m in outer]))
     return len(outer)
 
 
-def apply_adapter(model: Any, adapter: AdapterWeights) -> None:
+@dataclass(eq=False)
+class Applied:
+    """The adapter a base wears now, with its wrappers and the slot of each tensor, for fast swaps."""
+
+    adapter: AdapterWeights
+    wrappers: dict[str, Any]
+    slots: list[tuple[Any, str, str]]  # (wrapper module, leaf name, adapter tensor name)
+
+
+def _slots(adapter: AdapterWeights, found: dict[str, Any]) -> list[tuple[Any, str, str]]:
+    """Where each adapter tensor goes; a ValueError lists every tensor with no place or the wrong shape."""
+    slots, problems = [], []
+    for name, w in adapter.weights.items():
+        path, _, leaf = name.rpartition(".")
+        module = found.get(path)
+        if module is None or leaf not in ADAPTER_LEAVES or leaf not in module:
+            problems.append(f"{name}: not an adapter parameter in the model")
+        elif tuple(w.shape) != tuple(module[leaf].shape):
+            want = tuple(module[leaf].shape)
+            problems.append(f"{name}: adapter shape {tuple(w.shape)} does not match {want} in the model")
+        else:
+            slots.append((module, leaf, name))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError("; ".join(problems[:5]) + more)
+    return slots
+
+
+def apply_adapter(model: Any, adapter: AdapterWeights) -> Applied:
     """Wrap the base as ``mlx_lm.load(base, adapter_path=...)`` does, load the tensors; strip on failure."""
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     if adapter.fine_tune_type not in SWAPPABLE_TYPES:
@@ -120,19 +155,11 @@ def apply_adapter(model: Any, adapter: AdapterWeights) -> None:
             adapter.config["lora_parameters"],
             use_dora=adapter.fine_tune_type == "dora",
         )
-        params = dict(tree_flatten(model.parameters()))
-        problems = []
-        for name, w in adapter.weights.items():
-            if name not in params or name.rsplit(".", 1)[-1] not in ADAPTER_LEAVES:
-                problems.append(f"{name}: not an adapter parameter in the model")
-            elif tuple(w.shape) != tuple(params[name].shape):
-                want = tuple(params[name].shape)
-                problems.append(f"{name}: adapter shape {tuple(w.shape)} does not match {want} in the model")
-        if problems:
-            raise ValueError(
-                "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            )
-        model.load_weights(list(adapter.weights.items()), strict=False)
+        found = dict(wrappers(model))
+        slots = _slots(adapter, found)
+        # What load_weights(strict=False) does, without walking the whole model again.
+        for module, leaf, name in slots:
+            module[leaf] = adapter.weights[name]
         model.eval()
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         strip_adapter(model)
@@ -140,41 +167,46 @@ def apply_adapter(model: Any, adapter: AdapterWeights) -> None:
             f"Adapter {adapter.path} cannot be applied to this base: {exc}",
             f"check it with `mlxman adapter validate {adapter.path} --model <base>`; the base is left plain",
         ) from None
+    return Applied(adapter=adapter, wrappers=found, slots=slots)
 
 
-def _weights_only(model: Any, adapter: AdapterWeights) -> None:
-    model.load_weights(list(adapter.weights.items()), strict=False)
+def _weights_only(current: Applied, adapter: AdapterWeights) -> Applied:
+    for module, leaf, name in current.slots:
+        module[leaf] = adapter.weights[name]
     # ``scale`` is a Python attribute of each wrapper, not a tensor.
     scale = adapter.lora_parameters.get("scale")
-    for _, module in wrappers(model):
+    for module in current.wrappers.values():
         module.scale = scale
+    return Applied(adapter=adapter, wrappers=current.wrappers, slots=current.slots)
 
 
 @dataclass(frozen=True)
 class SwapResult:
     mode: str  # "none", "strip", "weights" or "structural"
     seconds: float
+    applied: Applied | None
 
 
-def swap(model: Any, current: AdapterWeights | None, nxt: AdapterWeights | None) -> SwapResult:
+def swap(model: Any, current: Applied | None, nxt: AdapterWeights | None) -> SwapResult:
     """Move ``model`` from the ``current`` adapter to ``nxt`` (None: plain base); failure leaves it plain."""
     started = time.perf_counter()
-    if current is nxt:
-        return SwapResult("none", 0.0)
+    if (current.adapter if current else None) is nxt:
+        return SwapResult("none", 0.0, current)
+    applied: Applied | None = None
     try:
         if nxt is None:
-            strip_adapter(model)
+            strip_adapter(model, current)
             mode = "strip"
-        elif current is not None and current.structure() == nxt.structure():
-            _weights_only(model, nxt)
+        elif current is not None and current.adapter.structure == nxt.structure:
+            applied = _weights_only(current, nxt)
             mode = "weights"
         else:
-            strip_adapter(model)
-            apply_adapter(model, nxt)
+            strip_adapter(model, current)
+            applied = apply_adapter(model, nxt)
             mode = "structural"
     except AdapterError:
         raise
     except Exception:
         strip_adapter(model)
         raise
-    return SwapResult(mode, time.perf_counter() - started)
+    return SwapResult(mode, time.perf_counter() - started, applied)
