@@ -77,6 +77,19 @@ def synthesize_adapter(
     return out
 
 
+def lower_rank(src: Path, out: Path, rank: int) -> Path:
+    """A trained adapter cut to its first ``rank`` components."""
+    weights = mx.load(str(src / "adapters.safetensors"))
+    assert isinstance(weights, dict)
+    out.mkdir(parents=True, exist_ok=True)
+    cut = {k: (v[:, :rank] if k.endswith("lora_a") else v[:rank, :]) for k, v in weights.items()}
+    mx.save_safetensors(str(out / "adapters.safetensors"), cut)
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = rank
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
@@ -112,10 +125,8 @@ def report(label: str, model: Path, adapters: dict[str, Path], repeats: int) -> 
     load = fresh_load_ms(model, adapters["a"], repeats)
     print(f"\n{label}: base {format_bytes(size)}")
     print(f"  fresh mlx_lm.load(base, adapter_path)  {load:9.2f} ms")
-    for name, (x, y) in {
-        "same-structure adapters": ("a", "b"),
-        "different-structure adapters": ("a", "c"),
-    }.items():
+    pairs = {"same shapes": ("a", "b"), "another rank (LoRA)": ("a", "d"), "LoRA <-> DoRA": ("a", "c")}
+    for name, (x, y) in pairs.items():
         swap, mode = swap_ms(model, adapters[x], adapters[y], repeats)
         print(f"  swap, {name:29s} {swap:9.2f} ms  ({mode})   load/swap = {load / swap:7.1f}x")
 
@@ -134,8 +145,9 @@ def main() -> None:
 
     kit = ensure_demo_kit(args.kit_home)
     demo_adapters = {"a": kit.adapters["colors"], "b": kit.adapters["numbers"], "c": kit.adapters["animals"]}
+    demo_adapters["d"] = lower_rank(kit.adapters["numbers"], work / "numbers-r4", 4)
     report(
-        "demo model (trained adapters: colors, numbers; animals is DoRA)",
+        "demo model (trained adapters: colors, numbers, numbers cut to rank 4; animals is DoRA)",
         kit.model,
         demo_adapters,
         args.repeats,
@@ -158,9 +170,13 @@ def main() -> None:
         "a": synthesize_adapter(big, work / "big-a", rank=8, seed=1),
         "b": synthesize_adapter(big, work / "big-b", rank=8, seed=2),
         "c": synthesize_adapter(big, work / "big-c", rank=16, seed=3, fine_tune_type="dora"),
+        "d": synthesize_adapter(big, work / "big-d", rank=16, seed=4),
     }
     report(
-        "larger model (synthesized adapters: rank 8, rank 8, rank 16 DoRA)", big, big_adapters, args.repeats
+        "larger model (synthesized adapters: rank 8, rank 8, rank 16, rank 16 DoRA)",
+        big,
+        big_adapters,
+        args.repeats,
     )
 
 

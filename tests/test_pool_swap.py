@@ -27,11 +27,25 @@ def logits(model: Any) -> mx.array:
     return out
 
 
-def fresh_logits(kit: DemoKit, adapter: str | None) -> mx.array:
+def fresh_logits(kit: DemoKit, adapter: str | Path | None) -> mx.array:
     from mlx_lm import load
 
-    model, _ = load(str(kit.model), adapter_path=str(kit.adapters[adapter]) if adapter else None)
+    path = kit.adapters[adapter] if isinstance(adapter, str) else adapter
+    model, _ = load(str(kit.model), adapter_path=str(path) if path else None)
     return logits(model)
+
+
+def lower_rank_copy(src: Path, dst: Path, rank: int) -> Path:
+    """The adapter cut to its first ``rank`` components: a valid adapter of a lower rank."""
+    shutil.copytree(src, dst)
+    weights = mx.load(str(dst / "adapters.safetensors"))
+    assert isinstance(weights, dict)
+    cut = {k: (v[:, :rank] if k.endswith("lora_a") else v[:rank, :]) for k, v in weights.items()}
+    mx.save_safetensors(str(dst / "adapters.safetensors"), cut)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = rank
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
 
 
 def corrupt_copy(src: Path, dst: Path) -> Path:
@@ -44,9 +58,11 @@ def corrupt_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_swap_sequence_equals_fresh_loads_and_keeps_base_arrays(demo_kit: DemoKit) -> None:
-    sequence = ["colors", "animals", None, "numbers", "colors", None]
-    expected = {name: fresh_logits(demo_kit, name) for name in set(sequence)}
+def test_swap_sequence_equals_fresh_loads_and_keeps_base_arrays(demo_kit: DemoKit, tmp_path: Path) -> None:
+    low = lower_rank_copy(demo_kit.adapters["numbers"], tmp_path / "numbers-r4", 4)
+    paths: dict[str, Path | None] = {**demo_kit.adapters, "numbers-r4": low, "none": None}
+    sequence = ["colors", "animals", "none", "numbers", "colors", "numbers-r4", "colors", "animals", "none"]
+    expected = {name: fresh_logits(demo_kit, paths[name]) for name in set(sequence)}
     pool = ModelPool(GIB)
     with pool.acquire(str(demo_kit.model)) as lease:
         base_arrays = dict(tree_flatten(lease.model.parameters()))
@@ -54,13 +70,23 @@ def test_swap_sequence_equals_fresh_loads_and_keeps_base_arrays(demo_kit: DemoKi
         assert not lease.base_was_resident and lease.load_seconds > 0
     modes = []
     for name in sequence:
-        adapter = str(demo_kit.adapters[name]) if name else None
-        with pool.acquire(str(demo_kit.model), adapter) as lease:
+        adapter = paths[name]
+        with pool.acquire(str(demo_kit.model), str(adapter) if adapter else None) as lease:
             assert lease.base_was_resident
             modes.append(lease.swap_mode)
             assert mx.array_equal(logits(lease.model), expected[name]).item(), f"logits differ for {name}"
-            assert bool(wrappers(lease.model)) == (name is not None)
-    assert modes == ["structural", "structural", "strip", "structural", "weights", "strip"]
+            assert bool(wrappers(lease.model)) == (adapter is not None)
+    assert modes == [
+        "structural",
+        "structural",
+        "strip",
+        "structural",
+        "weights",
+        "weights",
+        "weights",
+        "structural",
+        "strip",
+    ]
     with pool.acquire(str(demo_kit.model)) as lease:
         after = dict(tree_flatten(lease.model.parameters()))
     assert after.keys() == base_arrays.keys()

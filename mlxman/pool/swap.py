@@ -39,17 +39,16 @@ class AdapterWeights:
         return sum(int(w.nbytes) for w in self.weights.values())
 
     @cached_property
-    def structure(self) -> tuple[Any, ...]:
-        """Everything but the values and ``scale``: equal structures allow a weights-only swap."""
+    def layout(self) -> tuple[Any, ...]:
+        """Which modules get wrapped, how, and which tensors fill them; ranks and values may differ."""
         p = self.lora_parameters
         keys = p.get("keys")
         return (
             self.fine_tune_type,
             self.config.get("num_layers"),
             tuple(sorted(keys)) if isinstance(keys, list) else keys,
-            p.get("rank"),
             p.get("dropout"),
-            tuple(sorted((n, tuple(w.shape), str(w.dtype)) for n, w in self.weights.items())),
+            tuple(sorted(self.weights)),
         )
 
 
@@ -170,6 +169,25 @@ def apply_adapter(model: Any, adapter: AdapterWeights) -> Applied:
     return Applied(adapter=adapter, wrappers=found, slots=slots)
 
 
+def _fits_slots(current: Applied, nxt: AdapterWeights) -> bool:
+    """Can ``nxt``'s tensors go into the current wrappers? Equal shapes, or another rank of a 2-D LoRA."""
+    old, new = current.adapter.weights, nxt.weights
+    for _module, leaf, name in current.slots:
+        a, b = old[name], new[name]
+        if a.shape == b.shape:
+            continue
+        if leaf not in ("lora_a", "lora_b") or a.ndim != 2 or b.ndim != 2:
+            return False
+        # lora_a is (in, rank) and lora_b (rank, out): only the rank may change, the same for both.
+        keep, rank = (0, 1) if leaf == "lora_a" else (1, 0)
+        sibling = name[: -len(leaf)] + ("lora_b" if leaf == "lora_a" else "lora_a")
+        if a.shape[keep] != b.shape[keep] or sibling not in new or new[sibling].ndim != 2:
+            return False
+        if new[sibling].shape[1 - rank] != b.shape[rank]:
+            return False
+    return True
+
+
 def _weights_only(current: Applied, adapter: AdapterWeights) -> Applied:
     for module, leaf, name in current.slots:
         module[leaf] = adapter.weights[name]
@@ -197,7 +215,7 @@ def swap(model: Any, current: Applied | None, nxt: AdapterWeights | None) -> Swa
         if nxt is None:
             strip_adapter(model, current)
             mode = "strip"
-        elif current is not None and current.adapter.structure == nxt.structure:
+        elif current is not None and current.adapter.layout == nxt.layout and _fits_slots(current, nxt):
             applied = _weights_only(current, nxt)
             mode = "weights"
         else:
