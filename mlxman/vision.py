@@ -35,13 +35,13 @@ class VisionGeneration:
 
     def __iter__(self) -> Iterator[str]:
         import mlx.core as mx
-        from mlx_vlm import apply_chat_template, stream_generate
+        from mlx_vlm.generate import stream_generate
+        from mlx_vlm.prompt_utils import apply_chat_template
 
         images = check_images(list(self.request.images))
         config = getattr(self.model, "config", {})
-        if self.request.raw:
-            prompt = self.request.prompt
-        else:
+        prompt: Any = self.request.prompt
+        if not self.request.raw:
             prompt = apply_chat_template(self.processor, config, chat_messages(self.request), num_images=len(images))
         if self.request.seed is not None:
             mx.random.seed(self.request.seed)
