@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlxman.errors import MlxmanError, NotFoundError, ServerError, UsageError
+from mlxman.errors import (
+    AdapterError,
+    MemoryBudgetError,
+    MlxmanError,
+    ModelError,
+    NotFoundError,
+    ServerError,
+    UsageError,
+)
 from mlxman.settings import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, HOST_ENV
 
 # Admin calls that load a model can take a while; status probes must not.
@@ -141,8 +149,14 @@ class PoolClient:
 def _error_from(status: int, data: Any, address: Address) -> MlxmanError:
     """An OpenAI-style error body, back into the matching mlxman error."""
     error = data.get("error") if isinstance(data, dict) else None
-    message = str(error.get("message")) if isinstance(error, dict) else f"HTTP {status} from {address}"
-    hint = error.get("hint") if isinstance(error, dict) else None
+    if not isinstance(error, dict):
+        return ServerError(f"HTTP {status} from {address}", "check the server's log")
+    # mlxman's server sends the message and the hint apart (`detail`, `hint`); other servers only `message`.
+    message = str(error.get("detail") or error.get("message") or f"HTTP {status}")
+    hint = error.get("hint")
+    cls = _ERRORS_BY_CODE.get(str(error.get("code")))
+    if cls is not None:
+        return cls(message, hint)
     if status == 401:
         return ServerError(message, f"set ${API_KEY_ENV} to the server's API key")
     if status == 404:
@@ -150,3 +164,10 @@ def _error_from(status: int, data: Any, address: Address) -> MlxmanError:
     if 400 <= status < 500:
         return UsageError(message, hint)
     return ServerError(message, hint)
+
+
+_ERRORS_BY_CODE: dict[str, type[MlxmanError]] = {
+    "memory_budget": MemoryBudgetError,
+    "model_error": ModelError,
+    "adapter_error": AdapterError,
+}

@@ -56,15 +56,15 @@ def _until(entry: dict[str, Any]) -> str:
     if entry.get("in_use"):
         return "in use"
     seconds = entry.get("expires_in")
-    if seconds is None:
+    if seconds is None or entry.get("pinned"):
         return "forever"
     seconds = int(seconds)
     if seconds < 60:
-        return f"{seconds}s from now"
+        return f"in {seconds}s"
     minutes, seconds = divmod(seconds, 60)
     if minutes < 60:
-        return f"{minutes}m{seconds:02d}s from now"
-    return f"{minutes // 60}h{minutes % 60:02d}m from now"
+        return f"in {minutes}m{seconds:02d}s"
+    return f"in {minutes // 60}h{minutes % 60:02d}m"
 
 
 def _size(entry: dict[str, Any]) -> str:
@@ -73,26 +73,41 @@ def _size(entry: dict[str, Any]) -> str:
     return estimated if measured is None else f"{estimated} / {format_bytes(measured)}"
 
 
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Keys shown by their last path parts (``text-model::colors``); full keys where two would look alike."""
+
+    def short(key: str) -> str:
+        return SEPARATOR.join(Path(p).name if "/" in p or "\\" in p else p for p in key.split(SEPARATOR, 1))
+
+    names = {key: short(key) for key in keys}
+    taken = list(names.values())
+    return {key: name if taken.count(name) == 1 else key for key, name in names.items()}
+
+
 def render_pool(status: dict[str, Any], address: Address) -> None:
     """The pool as ``ollama ps`` shows its models: one row per entry, then totals against the budget."""
     entries = status.get("entries", [])
-    if entries:
-        # Keys fold instead of being cut: they are what `pool unload` and requests take.
+    names = short_names([e["key"] for e in entries])
+    rows = [
+        [
+            escape(names[e["key"]]),
+            e["kind"] if e.get("parent") is None else "adapter",
+            _size(e),
+            str(len(e.get("adapters") or [])) if e.get("parent") is None else "-",
+            "yes" if e.get("pinned") else "no",
+            str(e.get("in_use", 0)),
+            _until(e),
+        ]
+        for e in entries
+    ]
+    if rows:
+        # Names fold rather than end in "…": they are what `pool unload` and `pool pin` take.
         table = Table(box=None, header_style="title", pad_edge=False)
-        table.add_column("KEY", overflow="fold", ratio=1)
-        for column in ("KIND", "SIZE (EST / MEASURED)", "KV", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
-            table.add_column(column, no_wrap=column != "SIZE (EST / MEASURED)")
-        for e in entries:
-            table.add_row(
-                escape(e["key"]),
-                e["kind"] if e.get("parent") is None else "adapter",
-                _size(e),
-                format_bytes(e["kv_bytes"]) if e.get("kv_bytes") else "-",
-                str(len(e.get("adapters") or [])) if e.get("parent") is None else "-",
-                "yes" if e.get("pinned") else "no",
-                str(e.get("in_use", 0)),
-                _until(e),
-            )
+        table.add_column("NAME", overflow="fold")
+        for column in ("KIND", "SIZE (EST / MEASURED)", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
         out.show(table)
     else:
         out.text("The pool is empty.")
@@ -177,11 +192,21 @@ def unpin(key: KeyArgument, host: HostOption = None, json_output: JsonOption = F
 
 def _keyed(action: str, key: str, host: str | None, json_output: bool, verb: str) -> None:
     client = PoolClient(server_address(host))
-    result = getattr(client, action)(local_spec(key))
+    result = getattr(client, action)(_full_key(client, key))
     if json_output:
         out.json(result)
     else:
         out.success(f"{verb} {result['key']}")
+
+
+def _full_key(client: PoolClient, key: str) -> str:
+    """A name from the `pool status` table back to its key; paths made absolute; anything else as typed."""
+    spec = local_spec(key)
+    if spec != key:
+        return spec
+    keys = [e["key"] for e in client.status().get("entries", [])]
+    matches = [k for k, name in short_names(keys).items() if name == key]
+    return matches[0] if len(matches) == 1 else key
 
 
 @app.command("estimate")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import cast
@@ -99,7 +99,7 @@ class GenerationJob:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Pieces of text, then one Finished or Failed; leaving early cancels the generation."""
         if self._thread is None:
             self.start()

@@ -8,6 +8,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any, Literal
 
 import anyio
@@ -129,20 +130,22 @@ def _end(state: ServerState, job: GenerationJob) -> None:
 
 async def _collect(job: GenerationJob, shape: _Shape, prefix: str, request: Request) -> dict[str, Any]:
     text = prefix
+    outcome: Finished | Failed | None = None
     async with anyio.create_task_group() as group:
         # A client that hangs up on a non-streamed request also stops its generation.
         group.start_soon(_cancel_on_disconnect, request, job)
-        async for event in job.events():
-            if isinstance(event, Piece):
-                text += event.text
-            elif isinstance(event, Failed):
-                group.cancel_scope.cancel()
-                _raise(event.error)
-            elif isinstance(event, Finished):
-                group.cancel_scope.cancel()
-                _note(request, shape.model, _stats_note(event))
-                return shape.whole(text, event)
-    raise AssertionError("a generation always ends with Finished or Failed")
+        async with aclosing(job.events()) as events:
+            async for event in events:
+                if isinstance(event, Piece):
+                    text += event.text
+                else:
+                    outcome = event
+        group.cancel_scope.cancel()
+    if isinstance(outcome, Failed):
+        _raise(outcome.error)
+    assert isinstance(outcome, Finished), "a generation always ends with Finished or Failed"
+    _note(request, shape.model, _stats_note(outcome))
+    return shape.whole(text, outcome)
 
 
 async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
