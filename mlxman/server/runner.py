@@ -55,8 +55,10 @@ def bind(host: str, port: int) -> socket.socket:
         raise ServerError(
             f"Cannot resolve host {host!r}: {exc}", "pass --host with an IP address or name"
         ) from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # The protocol number matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets marked IPPROTO_TCP,
+    # and without it every response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
