@@ -26,7 +26,7 @@ HostOption = Annotated[
     typer.Option("--host", help=f"Server address, host:port (default: ${HOST_ENV}, else 127.0.0.1:11435)."),
 ]
 KeyArgument = Annotated[
-    str, typer.Argument(help="Pool key: MODEL or MODEL::ADAPTER, as `pool status` lists it.")
+    str, typer.Argument(help="MODEL or MODEL::ADAPTER, or the NAME `pool status` shows for it.")
 ]
 SEPARATOR = "::"
 
@@ -221,8 +221,7 @@ def estimate(
 ) -> None:
     """What loading would take (weights, adapters, KV headroom), whether it fits, and what it would evict.
 
-    Asks the running server's pool when there is one; otherwise (or with --memory-limit) estimates against an
-    empty pool here, from the safetensors headers, without loading anything.
+    Asks the running server if any; without one, or with --memory-limit, answers here for an empty pool.
     """
     adapters = [local_spec(a) for a in adapter or []]
     address = server_address(host)
