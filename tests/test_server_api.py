@@ -289,12 +289,16 @@ def test_request_log_on_stderr(server: Server, demo_kit: DemoKit) -> None:
     assert lines and "completion=" in lines[-1]
 
 
-def test_streamed_error_after_headers_is_an_sse_error_event(server: Server, demo_kit: DemoKit) -> None:
-    body = {"model": str(demo_kit.embeddings_model), "prompt": "hi", "stream": True, "max_tokens": 4}
+def test_a_stream_that_cannot_start_is_a_plain_error(server: Server, demo_kit: DemoKit) -> None:
+    client = server.openai()
+    with pytest.raises(openai.BadRequestError, match="cannot generate text"):
+        client.completions.create(
+            model=str(demo_kit.embeddings_model), prompt="hi", max_tokens=4, stream=True
+        )
+    body = {"model": str(demo_kit.model), "prompt": "hi", "max_tokens": 4, "stream": True}
     with httpx.stream(
         "POST", server.url + "/v1/completions", json=body, headers=server.headers(), timeout=300
     ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    errors = [json.loads(e) for e in events[:-1] if "error" in json.loads(e)]
-    assert errors and "cannot generate text" in errors[0]["error"]["message"]
+    assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])

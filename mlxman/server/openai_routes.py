@@ -20,7 +20,7 @@ from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest
 from mlxman.pool import parse_keep_alive
 from mlxman.server.errors import describe
-from mlxman.server.jobs import Failed, Finished, GenerationJob, Piece
+from mlxman.server.jobs import Event, Failed, Finished, GenerationJob, Piece
 from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
 from mlxman.server.security import ModelRef
 from mlxman.server.state import ServerState
@@ -114,13 +114,23 @@ async def _complete(
     )
     state.admit(job)
     shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.key)
-    if body.stream:
-        events = _stream(job, shape, body.include_usage(), prefix, request)
-        return EventStream(events, on_close=lambda: _end(state, job))
+    if not body.stream:
+        try:
+            return await _collect(job, shape, prefix, request)
+        finally:
+            _end(state, job)
+    # Wait for the first piece before sending headers, so a failed load is still a plain 4xx.
+    events = job.events()
     try:
-        return await _collect(job, shape, prefix, request)
-    finally:
+        first = await _first_event(events, request, job)
+        if isinstance(first, Failed):
+            _raise(first.error)
+    except BaseException:
+        await events.aclose()
         _end(state, job)
+        raise
+    stream = _stream(first, events, shape, body.include_usage(), prefix, request)
+    return EventStream(stream, on_close=lambda: _end(state, job))
 
 
 def _end(state: ServerState, job: GenerationJob) -> None:
@@ -154,21 +164,37 @@ async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
     job.cancel()
 
 
+async def _first_event(events: AsyncGenerator[Event, None], request: Request, job: GenerationJob) -> Event:
+    async with anyio.create_task_group() as group:
+        group.start_soon(_cancel_on_disconnect, request, job)
+        first = await anext(events)
+        group.cancel_scope.cancel()
+    return first
+
+
 async def _stream(
-    job: GenerationJob, shape: _Shape, include_usage: bool, prefix: str, request: Request
+    first: Event,
+    events: AsyncGenerator[Event, None],
+    shape: _Shape,
+    include_usage: bool,
+    prefix: str,
+    request: Request,
 ) -> AsyncGenerator[str, None]:
     yield _sse(shape.chunk(prefix, first=True))
-    async for event in job.events():
-        if isinstance(event, Piece):
-            yield _sse(shape.chunk(event.text))
-        elif isinstance(event, Failed):
-            # Headers are sent already: the error goes into the stream, in the OpenAI error shape.
-            yield _sse(describe(event.error)[1])
-        elif isinstance(event, Finished):
-            _note(request, shape.model, _stats_note(event))
-            yield _sse(shape.chunk("", finish_reason=event.finish_reason))
-            if include_usage:
-                yield _sse(shape.usage_chunk(event))
+    async with aclosing(events):
+        event: Event | None = first
+        while event is not None:
+            if isinstance(event, Piece):
+                yield _sse(shape.chunk(event.text))
+            elif isinstance(event, Failed):
+                # Headers are sent already: the error goes into the stream, in the OpenAI error shape.
+                yield _sse(describe(event.error)[1])
+            elif isinstance(event, Finished):
+                _note(request, shape.model, _stats_note(event))
+                yield _sse(shape.chunk("", finish_reason=event.finish_reason))
+                if include_usage:
+                    yield _sse(shape.usage_chunk(event))
+            event = await anext(events, None)
     yield "data: [DONE]\n\n"
 
 
