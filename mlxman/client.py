@@ -121,8 +121,10 @@ class PoolClient:
         return self._call("POST", "/api/pool/estimate", {"model": model, "adapters": adapters})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        import httpx
-
+        try:
+            import httpx
+        except ImportError:
+            raise UsageError("Talking to the server needs httpx", 'pip install "mlxman[server]"') from None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             response = httpx.request(

@@ -79,6 +79,12 @@ def test_health_needs_no_key_but_everything_else_does(server: Server) -> None:
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_loopback_server_refuses_foreign_host_names(server: Server) -> None:
+    rebound = httpx.get(server.url + "/health", headers={"Host": f"evil.example:{server.port}"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(server.url + "/health", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+
+
 def test_models_lists_the_preloaded_base(server: Server, demo_kit: DemoKit) -> None:
     ids = [m.id for m in server.openai().models.list().data]
     assert str(demo_kit.model.resolve()) in ids

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +21,7 @@ from mlxman.pool import ModelPool
 from mlxman.server import admin_routes, openai_routes
 from mlxman.server.errors import describe
 from mlxman.server.schemas import error_body
-from mlxman.server.security import check_bearer
+from mlxman.server.security import check_bearer, is_loopback
 from mlxman.server.state import ServerBusy, ServerConfig, ServerState
 
 log = logging.getLogger("mlxman.server")
@@ -99,6 +100,8 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse(body, status_code=status)
 
     app.add_middleware(BodyLimit, max_bytes=state.config.max_body_bytes)
+    if is_loopback(state.config.host):
+        app.add_middleware(LoopbackHostOnly)
     app.add_middleware(RequestLog)
     return app
 
@@ -153,6 +156,27 @@ class BodyLimit:
             f"Request body over {self.max_bytes} bytes", "invalid_request_error", "request_too_large"
         )
         await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
+class LoopbackHostOnly:
+    """On a loopback server, refuse requests addressed to other host names (DNS rebinding from a web page)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = urlsplit(f"//{header}").hostname if header else None
+            if name is not None and not is_loopback(name):
+                body = error_body(
+                    f"Host {header!r} is not allowed: this server listens on loopback only",
+                    "permission_error",
+                    "host_not_allowed",
+                )
+                await JSONResponse(body, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestLog:

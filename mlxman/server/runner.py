@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from mlxman.errors import ServerError
+from mlxman.errors import ServerError, UsageError
 from mlxman.memory import Budget, format_bytes
 from mlxman.server.security import split_key
 
@@ -75,10 +75,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(options: ServeOptions, narrate: Narrate) -> None:
     """Serve until SIGINT or SIGTERM; the pool is closed (models freed) before returning."""
-    import uvicorn
+    try:
+        import uvicorn
 
+        from mlxman.server.app import create_app
+    except ImportError as exc:
+        raise UsageError(
+            f"The server needs packages that are not installed ({exc.name})", 'pip install "mlxman[server]"'
+        ) from None
     from mlxman.pool import ModelPool
-    from mlxman.server.app import create_app
     from mlxman.server.state import ServerConfig
 
     setup_logging()
