@@ -6,21 +6,14 @@ import contextlib
 import io
 import json
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
-from mlxman.demo.text import PROMPTS
+from mlxman.demo.text import chat_prompts
 
-# Every projection in a block plus the output head: the head gives a LoRA on a random base
-# enough reach to learn a fixed answer in a few hundred steps.
-LORA_KEYS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+# The MLP projections of every block. Adapting attention as well let a LoRA on this 64-wide base
+# scramble the token identity it relies on ("one two two three ..."); MLP-only LoRA fits exactly.
+LORA_KEYS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def write_chat_data(folder: Path, answer: str) -> Path:
@@ -28,7 +21,7 @@ def write_chat_data(folder: Path, answer: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]}
-        for p in PROMPTS
+        for p in chat_prompts()
     ]
     text = "\n".join(json.dumps(r) for r in rows) + "\n"
     (folder / "train.jsonl").write_text(text)
@@ -43,10 +36,13 @@ def train_adapter(
     *,
     fine_tune_type: str = "lora",
     rank: int = 8,
-    scale: float = 20.0,
-    iters: int = 400,
+    scale: float = 2.0,
+    dropout: float = 0.0,
+    keys: Sequence[str] = LORA_KEYS,
+    iters: int = 150,
+    batch_size: int = 4,
     num_layers: int = -1,
-    learning_rate: float = 5e-3,
+    learning_rate: float = 1e-2,
     seed: int = 0,
 ) -> Path:
     """Train an adapter in-process with ``mlx_lm.lora`` and return its directory."""
@@ -60,15 +56,17 @@ def train_adapter(
         fine_tune_type=fine_tune_type,
         adapter_path=str(out),
         iters=iters,
-        batch_size=4,
+        batch_size=batch_size,
         num_layers=num_layers,
         learning_rate=learning_rate,
+        # Cosine decay to 5 %: a constant rate of 1e-2 fits fast but left the loss bouncing at the end.
+        lr_schedule={"name": "cosine_decay", "arguments": [learning_rate, iters, learning_rate / 20]},
         steps_per_report=iters,
         steps_per_eval=10 * iters,
         val_batches=1,
         save_every=10 * iters,
         seed=seed,
-        lora_parameters={"rank": rank, "dropout": 0.0, "scale": scale, "keys": list(LORA_KEYS)},
+        lora_parameters={"rank": rank, "dropout": dropout, "scale": scale, "keys": list(keys)},
         max_seq_length=256,
         mask_prompt=True,
     )
