@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import GIB, Settings, median, say, settle
-from benchmarks.models import build_model, synthesize_adapter
+from benchmarks.models import BUILT_MARKER, _cached, _finish, build_model, synthesize_adapter
 
 PROMPT = "Tell me something about the weather and the sea."
 
@@ -134,8 +135,11 @@ def run(settings: Settings) -> dict[str, Any]:
     model = build_model(root, settings.sizes[0], "float16")
     adapter = synthesize_adapter(model, root / f"{model.name}-lora0", seed=100)
     fused = root / f"{model.name}-fused-lora0"
-    if not (fused / "config.json").is_file():
+    recipe = {"adapter": json.loads((adapter / BUILT_MARKER).read_text())}
+    if not _cached(fused, recipe):
+        shutil.rmtree(fused, ignore_errors=True)
         fuse_adapter(str(model), adapter, fused)
+        _finish(fused, recipe)
     rows = [
         _variant(settings, "base", model, None),
         _variant(settings, "unmerged adapter", model, adapter),

@@ -40,14 +40,14 @@ class ModelSpec:
 
 
 QUICK_SIZES = (
-    ModelSpec("s", hidden=256, heads=8, kv_heads=4, intermediate=704),
-    ModelSpec("m", hidden=512, heads=8, kv_heads=2, intermediate=1408),
-    ModelSpec("l", hidden=1024, heads=16, kv_heads=4, intermediate=2816),
+    ModelSpec("h256", hidden=256, heads=8, kv_heads=4, intermediate=704),
+    ModelSpec("h512", hidden=512, heads=8, kv_heads=2, intermediate=1408),
+    ModelSpec("h1024", hidden=1024, heads=16, kv_heads=4, intermediate=2816),
 )
 FULL_SIZES = (
-    ModelSpec("s", hidden=384, heads=6, kv_heads=2, intermediate=1024),
-    ModelSpec("l", hidden=1024, heads=16, kv_heads=4, intermediate=2816),
-    ModelSpec("xl", hidden=2048, heads=16, kv_heads=4, intermediate=5632),
+    ModelSpec("h384", hidden=384, heads=6, kv_heads=2, intermediate=1024),
+    ModelSpec("h1024", hidden=1024, heads=16, kv_heads=4, intermediate=2816),
+    ModelSpec("h2048", hidden=2048, heads=16, kv_heads=4, intermediate=5632),
 )
 DTYPES = ("float16", "bfloat16", "q4")
 
@@ -125,9 +125,10 @@ def synthesize_adapter(
     model_dir: Path, out: Path, *, rank: int = ADAPTER_RANK, seed: int, fine_tune_type: str = "lora"
 ) -> Path:
     """A valid mlx-lm adapter with random lora_a/lora_b for every linear of every block, cached."""
+    # The base's own build record is part of the key: a rebuilt base gets fresh adapters.
     recipe = {
         "recipe": RECIPE_VERSION,
-        "model": model_dir.name,
+        "base": json.loads((model_dir / BUILT_MARKER).read_text()),
         "rank": rank,
         "seed": seed,
         "type": fine_tune_type,
