@@ -16,7 +16,7 @@ from mlxman.errors import ModelError
 from mlxman.settings import user_dir
 
 # Bump when anything here or in text.py / training.py changes what the kit contains: old kits are rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 DEMO_PROMPT = "Tell me something."
 MAX_TRAINING_SEEDS = 4
 
