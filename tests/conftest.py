@@ -39,7 +39,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 @pytest.fixture(scope="session")
 def endless_model(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo text model with an end-of-sequence token it never emits, so generation runs to max_tokens."""
+    """The demo text model with no end-of-sequence token it can emit, so generation runs to max_tokens."""
     import json
     import shutil
 
@@ -47,9 +47,9 @@ def endless_model(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -
     shutil.copytree(demo_kit.model, out)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         tok_config = json.loads((out / name).read_text())
-        tok_config["eos_token"] = "<unk>"
+        tok_config.pop("eos_token", None)
         (out / name).write_text(json.dumps(tok_config))
     config = json.loads((out / "config.json").read_text())
-    config["eos_token_id"] = 0
+    config["eos_token_id"] = config["vocab_size"] + 1  # outside the vocabulary: never sampled
     (out / "config.json").write_text(json.dumps(config))
     return out

@@ -40,7 +40,6 @@ def test_several_adapters_share_one_base_load(demo_kit: DemoKit) -> None:
     answers = generate_json(demo_kit, "--adapter", "none", *args)
     assert [a["adapter"] for a in answers] == [None, *(str(demo_kit.adapters[n]) for n in names)]
     assert [a["base_was_resident"] for a in answers] == [False, True, True, True]
-    assert all(a["load_seconds"] == 0 for a in answers[1:])
     for answer, name in zip(answers[1:], names):
         assert str(answer["text"]).startswith(demo_kit.answers[name])
     assert not str(answers[0]["text"]).startswith(tuple(demo_kit.answers.values()))

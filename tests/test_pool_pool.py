@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 import shutil
 import threading
 from collections import namedtuple
@@ -51,16 +53,30 @@ def keys(pool: ModelPool) -> list[str]:
 
 
 def test_estimate_equals_measured_weights(demo_kit: DemoKit) -> None:
-    pool = ModelPool(GIB)
-    est = pool.estimate(str(demo_kit.model), [str(demo_kit.adapters["colors"])])
-    assert est.fits and est.would_evict == [] and est.kv_bytes > 0
-    pool.load(str(demo_kit.model), str(demo_kit.adapters["colors"]))
-    base, child = pool.status().entries
-    assert base.measured_bytes == base.estimated_bytes == est.weights_bytes
-    assert child.measured_bytes == child.estimated_bytes == est.adapters_bytes
-    assert child.parent == base.key and base.adapters == [child.key]
-    assert base.kv_bytes == est.kv_bytes
-    pool.close()
+    # Active memory is process-wide: run in a fresh interpreter so no other test's arrays blur the delta.
+    code = f"""
+import json
+from mlxman.pool import ModelPool
+pool = ModelPool({GIB})
+est = pool.estimate({str(demo_kit.model)!r}, [{str(demo_kit.adapters["colors"])!r}])
+pool.load({str(demo_kit.model)!r}, {str(demo_kit.adapters["colors"])!r})
+base, child = pool.status().entries
+print(json.dumps(dict(est=[est.fits, est.would_evict, est.kv_bytes, est.weights_bytes, est.adapters_bytes],
+    base=[base.measured_bytes, base.estimated_bytes, base.kv_bytes, base.key, base.adapters],
+    child=[child.measured_bytes, child.estimated_bytes, child.parent, child.key])))
+pool.close()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    fits, would_evict, kv, weights, adapters = data["est"]
+    b_measured, b_estimated, b_kv, b_key, b_adapters = data["base"]
+    c_measured, c_estimated, c_parent, c_key = data["child"]
+    assert fits and would_evict == [] and kv > 0
+    assert b_measured == b_estimated == weights
+    assert c_measured == c_estimated == adapters
+    assert c_parent == b_key and b_adapters == [c_key]
+    assert b_kv == kv
 
 
 def test_keys_are_canonical(demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,9 +393,6 @@ def test_kind_detection(tmp_path: Path) -> None:
 
 
 def test_kind_detection_imports_nothing_heavy(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     code = (
         "import sys; from pathlib import Path; from mlxman.pool.kinds import detect_kind; "
         "import mlxman.pool.estimate, mlxman.pool.policy, mlxman.pool.pool; "

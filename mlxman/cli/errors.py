@@ -35,6 +35,10 @@ class MlxmanGroup(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            raise typer.Exit(report(KeyboardInterrupt())) from None
         except Exception as exc:
             if debug_enabled() or _is_cli_control_flow(exc):
                 raise
