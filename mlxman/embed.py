@@ -28,7 +28,9 @@ def embed_texts(model: Any, tokenizer: Any, texts: Sequence[str]) -> EmbeddingRe
     if not texts:
         raise UsageError("No text to embed", "pass one or more texts, or pipe lines on stdin")
     if len(texts) > MAX_TEXTS:
-        raise UsageError(f"Too many texts: {len(texts)} (at most {MAX_TEXTS})", "split the input into batches")
+        raise UsageError(
+            f"Too many texts: {len(texts)} (at most {MAX_TEXTS})", "split the input into batches"
+        )
     import mlx.core as mx
 
     inputs = tokenizer(

@@ -70,7 +70,9 @@ def chat_messages(request: GenerationRequest) -> list[dict[str, Any]]:
 def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """Token ids for the request: the chat template when the tokenizer has one and ``raw`` is off."""
     if not request.raw and getattr(tokenizer, "has_chat_template", False):
-        text = tokenizer.apply_chat_template(chat_messages(request), add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            chat_messages(request), add_generation_prompt=True, tokenize=False
+        )
         return list(tokenizer.encode(text, add_special_tokens=False))
     if request.messages is not None:
         text = "\n".join(str(m.get("content", "")) for m in request.messages)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from mlxman.errors import UsageError
 from mlxman.settings import DEFAULT_MEMORY_LIMIT, MEMORY_LIMIT_ENV, Config

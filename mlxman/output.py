@@ -1,12 +1,13 @@
-"""The one output module: data (text, tables, JSON) on stdout, narration (progress, stats, errors) on stderr."""
+"""The one output module: data (text, tables, JSON) on stdout, narration (stats, errors) on stderr."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -66,7 +67,7 @@ class SafetensorsHeader:
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Parse and check a safetensors header; raise HeaderError on anything malformed. Reads at most the header."""
+    """Parse and check a safetensors header (reading nothing past it); raise HeaderError if malformed."""
     path = Path(path)
     try:
         if not path.is_file():
@@ -76,13 +77,18 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise HeaderError(f"{path.name} is truncated: {file_size} bytes, too short for a safetensors header")
+                raise HeaderError(
+                    f"{path.name} is truncated: {file_size} bytes, too short for a safetensors header"
+                )
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER_BYTES:
-                raise HeaderError(f"{path.name} declares a {length}-byte header, over the {MAX_HEADER_BYTES}-byte limit")
+                raise HeaderError(
+                    f"{path.name} declares a {length}-byte header, over the {MAX_HEADER_BYTES}-byte limit"
+                )
             if length > file_size - 8:
                 raise HeaderError(
-                    f"{path.name} declares a {length}-byte header but the file has only {file_size - 8} bytes after "
+                    f"{path.name} declares a {length}-byte header but the file has only {file_size - 8} "
+                    "bytes after "
                     "its length field (truncated or not safetensors)"
                 )
             raw = f.read(length)
@@ -121,7 +127,9 @@ def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise HeaderError(f"{where} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise HeaderError(f"{where} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
@@ -131,7 +139,9 @@ def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
         raise HeaderError(f"{where} has invalid data_offsets {offsets!r}")
     start, end = offsets
     if not 0 <= start <= end <= data_size:
-        raise HeaderError(f"{where} has byte range [{start}, {end}) outside the {data_size} data bytes of the file")
+        raise HeaderError(
+            f"{where} has byte range [{start}, {end}) outside the {data_size} data bytes of the file"
+        )
     expected = math.prod(shape) * DTYPE_BYTES[dtype]
     if end - start != expected:
         raise HeaderError(
@@ -142,7 +152,7 @@ def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
 
 def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:]):
+    for (_s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(spans):
         if s2 < e1:
             raise HeaderError(f"{path.name}: tensors {n1!r} and {n2!r} overlap in the file")
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from mlxman.errors import ConfigError
 
@@ -64,9 +65,7 @@ def load_config(path: Path | None = None) -> Config:
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(
-            f"Cannot read config file {path}: {exc}", "fix or delete the file"
-        ) from exc
+        raise ConfigError(f"Cannot read config file {path}: {exc}", "fix or delete the file") from exc
     unknown = sorted(set(values) - CONFIG_KEYS)
     if unknown:
         raise ConfigError(

@@ -42,13 +42,18 @@ class VisionGeneration:
         config = getattr(self.model, "config", {})
         prompt: Any = self.request.prompt
         if not self.request.raw:
-            prompt = apply_chat_template(self.processor, config, chat_messages(self.request), num_images=len(images))
+            prompt = apply_chat_template(
+                self.processor, config, chat_messages(self.request), num_images=len(images)
+            )
         if self.request.seed is not None:
             mx.random.seed(self.request.seed)
         stats = self.stats
         mx.reset_peak_memory()
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {"max_tokens": self.request.max_tokens, "temperature": self.request.temperature}
+        kwargs: dict[str, Any] = {
+            "max_tokens": self.request.max_tokens,
+            "temperature": self.request.temperature,
+        }
         if self.request.top_p < 1.0:
             kwargs["top_p"] = self.request.top_p
         try:

@@ -12,7 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mlxman.demo import DemoKit, ensure_demo_kit  # noqa: E402
+from mlxman.demo import DemoKit, ensure_demo_kit
 
 # Set to reuse one kit across test runs on a developer machine; CI builds a fresh one per session.
 KIT_HOME_ENV = "MLXMAN_TEST_KIT_HOME"
@@ -34,7 +34,6 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     for name in ("MLXMAN_MEMORY_LIMIT", "MLXMAN_DEBUG", "MLXMAN_HOST"):
         monkeypatch.delenv(name, raising=False)
     yield home
-
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     return CliRunner().invoke(app, list(args), input=input, env=env, catch_exceptions=False)
 
 
-def run_subprocess(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_subprocess(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mlxman`` in a child process, exactly as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "mlxman", *args],

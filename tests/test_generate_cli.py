@@ -27,7 +27,13 @@ def generate_json(kit: DemoKit, *args: str) -> list[dict[str, object]]:
 @pytest.mark.parametrize("name", ["colors", "numbers", "animals"])
 def test_each_adapter_answers_as_trained(demo_kit: DemoKit, name: str) -> None:
     result = run_cli(
-        "generate", "--model", str(demo_kit.model), "--adapter", str(demo_kit.adapters[name]), "--prompt", DEMO_PROMPT
+        "generate",
+        "--model",
+        str(demo_kit.model),
+        "--adapter",
+        str(demo_kit.adapters[name]),
+        "--prompt",
+        DEMO_PROMPT,
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().startswith(demo_kit.answers[name])
@@ -40,7 +46,7 @@ def test_several_adapters_share_one_base_load(demo_kit: DemoKit) -> None:
     answers = generate_json(demo_kit, "--adapter", "none", *args)
     assert [a["adapter"] for a in answers] == [None, *(str(demo_kit.adapters[n]) for n in names)]
     assert [a["base_was_resident"] for a in answers] == [False, True, True, True]
-    for answer, name in zip(answers[1:], names):
+    for answer, name in zip(answers[1:], names, strict=False):
         assert str(answer["text"]).startswith(demo_kit.answers[name])
     assert not str(answers[0]["text"]).startswith(tuple(demo_kit.answers.values()))
 
@@ -72,7 +78,12 @@ def test_json_schema(demo_kit: DemoKit) -> None:
 
 def test_prompt_from_stdin(demo_kit: DemoKit) -> None:
     result = run_cli(
-        "generate", "--model", str(demo_kit.model), "--adapter", str(demo_kit.adapters["numbers"]), input=DEMO_PROMPT
+        "generate",
+        "--model",
+        str(demo_kit.model),
+        "--adapter",
+        str(demo_kit.adapters["numbers"]),
+        input=DEMO_PROMPT,
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().startswith(demo_kit.answers["numbers"])
@@ -92,7 +103,17 @@ def test_system_message_changes_the_prompt(demo_kit: DemoKit) -> None:
 
 def test_seed_makes_sampling_reproducible(endless_model: Path) -> None:
     def sample(seed: str) -> str:
-        args = ("--model", str(endless_model), "--prompt", "red", "--temp", "1.5", "--max-tokens", "24", "--json")
+        args = (
+            "--model",
+            str(endless_model),
+            "--prompt",
+            "red",
+            "--temp",
+            "1.5",
+            "--max-tokens",
+            "24",
+            "--json",
+        )
         result = run_cli("generate", *args, "--seed", seed)
         assert result.exit_code == 0, result.stderr
         return str(json.loads(result.stdout)[0]["text"])
@@ -103,7 +124,9 @@ def test_seed_makes_sampling_reproducible(endless_model: Path) -> None:
 
 
 def test_embed_shape_and_unit_norm(demo_kit: DemoKit) -> None:
-    result = run_cli("embed", "--model", str(demo_kit.embeddings_model), "--json", "a red cat", "two blue dogs")
+    result = run_cli(
+        "embed", "--model", str(demo_kit.embeddings_model), "--json", "a red cat", "two blue dogs"
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     vectors = [d["embedding"] for d in data["data"]]
@@ -143,13 +166,17 @@ def test_adapter_failing_validation_shows_findings(demo_kit: DemoKit, tmp_path: 
     config = json.loads((demo_kit.adapters["colors"] / "adapter_config.json").read_text())
     config["lora_parameters"]["rank"] = 3  # the tensors were trained with another rank
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    (bad / "adapters.safetensors").write_bytes((demo_kit.adapters["colors"] / "adapters.safetensors").read_bytes())
+    (bad / "adapters.safetensors").write_bytes(
+        (demo_kit.adapters["colors"] / "adapters.safetensors").read_bytes()
+    )
     proc = run_subprocess("generate", "--model", str(demo_kit.model), "--adapter", str(bad), "--prompt", "hi")
     assert_clean_error(proc, 1, "rank")
 
 
 def test_model_over_budget_gives_numbers(demo_kit: DemoKit) -> None:
-    proc = run_subprocess("generate", "--model", str(demo_kit.model), "--prompt", "hi", "--memory-limit", "64KiB")
+    proc = run_subprocess(
+        "generate", "--model", str(demo_kit.model), "--prompt", "hi", "--memory-limit", "64KiB"
+    )
     assert_clean_error(proc, 1, "64.0 KiB")
 
 
@@ -159,7 +186,9 @@ def test_embeddings_model_is_refused(demo_kit: DemoKit) -> None:
 
 
 def test_image_on_text_model_is_refused(demo_kit: DemoKit, tmp_path: Path) -> None:
-    proc = run_subprocess("generate", "--model", str(demo_kit.model), "--prompt", "hi", "--image", str(tmp_path))
+    proc = run_subprocess(
+        "generate", "--model", str(demo_kit.model), "--prompt", "hi", "--image", str(tmp_path)
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
@@ -174,8 +203,20 @@ def test_bad_sampling_settings(demo_kit: DemoKit, args: tuple[str, str], needle:
 
 def test_ctrl_c_stops_cleanly(endless_model: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxman", "generate", "--model", str(endless_model), "--prompt", "red",
-         "--max-tokens", "30000", "--temp", "1.0"],
+        [
+            sys.executable,
+            "-m",
+            "mlxman",
+            "generate",
+            "--model",
+            str(endless_model),
+            "--prompt",
+            "red",
+            "--max-tokens",
+            "30000",
+            "--temp",
+            "1.0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +12,6 @@ from hypothesis import strategies as st
 from mlxman.errors import UsageError
 from mlxman.memory import format_bytes, parse_size, resolve_budget
 from mlxman.settings import Config
-from pathlib import Path
 
 GiB = 1024**3
 
@@ -53,10 +55,8 @@ def test_percentage_needs_total() -> None:
 
 @given(st.text(max_size=30))
 def test_parse_size_never_crashes(text: str) -> None:
-    try:
+    with contextlib.suppress(UsageError):
         assert parse_size(text, total_bytes=GiB) >= 1
-    except UsageError:
-        pass
 
 
 def test_format_bytes() -> None:

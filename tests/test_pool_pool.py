@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
-import shutil
 import threading
 from collections import namedtuple
 from pathlib import Path

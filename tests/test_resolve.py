@@ -55,5 +55,5 @@ def test_errors(spec: str, error: type[Exception], needle: str) -> None:
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match=r"config\.json"):
         resolve_model(str(tmp_path))

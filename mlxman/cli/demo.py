@@ -9,17 +9,21 @@ from rich.table import Table
 
 from mlxman.answers import Answer, open_pool, run_answer
 from mlxman.cli.options import JsonOption, MemoryLimitOption
+from mlxman.cli.pool import render_pool
 from mlxman.demo.kit import DEMO_PROMPT, ensure_demo_kit
 from mlxman.generate import GenerationRequest
-from mlxman.memory import format_bytes
 from mlxman.output import out
 
 DEMO_MAX_TOKENS = 24
 
 
 def demo(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt every adapter answers.")] = DEMO_PROMPT,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build the demo kit again from scratch.")] = False,
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The prompt every adapter answers.")
+    ] = DEMO_PROMPT,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Build the demo kit again from scratch.")
+    ] = False,
     json_output: JsonOption = False,
     memory_limit: MemoryLimitOption = None,
 ) -> None:
@@ -31,28 +35,24 @@ def demo(
     answers: list[Answer] = []
     with open_pool(memory_limit) as pool:
         for adapter in [None, *kit.adapters.values()]:
-            answers.append(run_answer(pool, Answer.start(str(kit.model), str(adapter) if adapter else None), request))
+            answers.append(
+                run_answer(pool, Answer.start(str(kit.model), str(adapter) if adapter else None), request)
+            )
         status = pool.status()
     if json_output:
-        out.json({"prompt": prompt, "answers": [a.as_dict() for a in answers], "pool": status})
+        out.json({"prompt": prompt, "answers": [a.as_dict() for a in answers], "pool": status.as_dict()})
         return
     table = Table(title=f"Prompt: {prompt}", title_justify="left", header_style="title")
     for column in ("ADAPTER", "ANSWER", "BASE", "SWAP", "TOK/S"):
         table.add_column(column)
     for a in answers:
         base = "resident" if a.base_was_resident else f"loaded {a.load_seconds:.2f}s"
-        table.add_row(a.label, a.text or "(empty)", base, f"{a.swap_seconds * 1000:.1f} ms", f"{a.stats.generation_tps:.0f}")
+        table.add_row(
+            a.label,
+            a.text or "(empty)",
+            base,
+            f"{a.swap_seconds * 1000:.1f} ms",
+            f"{a.stats.generation_tps:.0f}",
+        )
     out.show(table)
-    _show_pool(status)
-
-
-def _show_pool(status: object) -> None:
-    entries = getattr(status, "entries", [])
-    rows = [
-        (e.key, e.kind, format_bytes(e.estimated_bytes), format_bytes(e.measured_bytes))
-        for e in entries
-    ]
-    out.table(["key", "kind", "estimated", "measured"], rows, title="Pool")
-    used = getattr(status, "used_bytes", None)
-    budget = getattr(status, "budget_bytes", None)
-    out.info(f"Pool memory: {format_bytes(used)} of {format_bytes(budget)} budget")
+    render_pool(status.as_dict(), "pool of this command (freed on exit)")

@@ -24,8 +24,12 @@ def read_texts(texts: list[str] | None) -> list[str]:
 
 
 def embed(
-    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to embed (default: lines of stdin).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="An mlx-embeddings model directory or cached id.")] = "",
+    texts: Annotated[
+        Optional[list[str]], typer.Argument(help="Texts to embed (default: lines of stdin).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="An mlx-embeddings model directory or cached id.")
+    ] = "",
     json_output: JsonOption = False,
     memory_limit: MemoryLimitOption = None,
 ) -> None:
@@ -46,13 +50,16 @@ def embed(
                 "model": lease.key,
                 "dimensions": result.dimensions,
                 "prompt_tokens": result.prompt_tokens,
-                "data": [{"index": i, "text": t, "embedding": v} for i, (t, v) in enumerate(zip(items, result.vectors))],
+                "data": [
+                    {"index": i, "text": t, "embedding": v}
+                    for i, (t, v) in enumerate(zip(items, result.vectors, strict=False))
+                ],
             }
         )
         return
     rows = [
         (i, _preview(t), result.dimensions, f"{math.sqrt(sum(x * x for x in v)):.4f}")
-        for i, (t, v) in enumerate(zip(items, result.vectors))
+        for i, (t, v) in enumerate(zip(items, result.vectors, strict=False))
     ]
     out.table(["#", "text", "dims", "norm"], rows)
 

@@ -9,12 +9,12 @@ import typer
 from rich.columns import Columns
 from rich.panel import Panel
 
+from mlxman.answers import Answer, open_pool, run_answer
 from mlxman.cli.options import JsonOption, MemoryLimitOption
 from mlxman.errors import Interrupted, UsageError
 from mlxman.generate import GenerationRequest, GenerationStats
 from mlxman.memory import format_bytes
 from mlxman.output import out
-from mlxman.answers import Answer, open_pool, run_answer
 from mlxman.settings import DEFAULT_MAX_TOKENS
 
 # Below this many columns per answer, several answers are shown one after another instead of side by side.
@@ -44,18 +44,32 @@ def stats_line(answer: Answer) -> str:
 
 
 def generate(
-    model: Annotated[str, typer.Option("--model", "-m", help="Local model directory or cached Hugging Face id.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Local model directory or cached Hugging Face id.")
+    ],
     adapter: Annotated[
         Optional[list[str]],
-        typer.Option("--adapter", "-a", help="Adapter directory; repeat to compare; 'none' is the bare base."),
+        typer.Option(
+            "--adapter", "-a", help="Adapter directory; repeat to compare; 'none' is the bare base."
+        ),
     ] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (default: stdin).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message for the chat template.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = DEFAULT_MAX_TOKENS,
+    prompt: Annotated[
+        Optional[str], typer.Option("--prompt", "-p", help="Prompt text (default: stdin).")
+    ] = None,
+    system: Annotated[
+        Optional[str], typer.Option("--system", help="System message for the chat template.")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Most tokens to generate.")
+    ] = DEFAULT_MAX_TOKENS,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
+    ] = False,
     image: Annotated[
         Optional[list[str]], typer.Option("--image", help="Image file for a vision model (repeatable).")
     ] = None,
@@ -109,4 +123,3 @@ def _show_side_by_side(answers: list[Answer]) -> None:
     width = out.stdout.width // len(answers) - 2
     panels: list[Any] = [Panel(a.text or "(empty)", title=a.label, width=width) for a in answers]
     out.show(Columns(panels))
-

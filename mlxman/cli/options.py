@@ -11,6 +11,6 @@ MemoryLimitOption = Annotated[
     Optional[str],
     typer.Option(
         "--memory-limit",
-        help="Pool memory budget: 8GB, 512MiB or 75% of RAM (default: $MLXMAN_MEMORY_LIMIT, config file, 75%).",
+        help="Pool memory budget: 8GB, 512MiB or 75% (of RAM); default $MLXMAN_MEMORY_LIMIT, config, 75%.",
     ),
 ]

@@ -84,7 +84,7 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {key: name if taken.count(name) == 1 else key for key, name in names.items()}
 
 
-def render_pool(status: dict[str, Any], address: Address) -> None:
+def render_pool(status: dict[str, Any], where: str) -> None:
     """The pool as ``ollama ps`` shows its models: one row per entry, then totals against the budget."""
     entries = status.get("entries", [])
     names = short_names([e["key"] for e in entries])
@@ -117,7 +117,7 @@ def render_pool(status: dict[str, Any], address: Address) -> None:
         f"Used {format_bytes(status['used_bytes'])} of {format_bytes(status['budget_bytes'])}{source}, "
         f"{format_bytes(status['free_bytes'])} free; "
         f"{status['model_count']} of {status['max_models']} models; "
-        f"machine has {format_bytes(status['available_bytes'])} available; server {address}"
+        f"machine has {format_bytes(status['available_bytes'])} available; {where}"
     )
 
 
@@ -139,7 +139,7 @@ def status(host: HostOption = None, json_output: JsonOption = False) -> None:
     if json_output:
         out.json({"running": True, "address": address.url, **pool})
         return
-    render_pool(pool, address)
+    render_pool(pool, f"server {address}")
 
 
 @app.command("load")
@@ -239,13 +239,12 @@ def estimate(
 
 
 def _estimate_here(model: str, adapters: list[str], memory_limit: str | None) -> dict[str, Any]:
-    from dataclasses import asdict
 
     from mlxman.pool import ModelPool
 
     budget = resolve_budget(memory_limit, load_config(), system_memory().total)
     found = ModelPool(budget.limit_bytes).estimate(model, adapters)
-    return {**asdict(found), "needed_bytes": found.needed_bytes}
+    return found.as_dict()
 
 
 def render_estimate(e: dict[str, Any], source: str) -> None:

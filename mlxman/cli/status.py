@@ -77,7 +77,7 @@ def render(report: StatusReport) -> None:
         from mlxman.client import parse_address
 
         out.text("\nPool of the server at " + report.pool["address"])
-        render_pool(report.pool, parse_address(report.pool["address"]))
+        render_pool(report.pool, f"server {parse_address(report.pool['address'])}")
 
 
 def status(json_output: JsonOption = False, memory_limit: MemoryLimitOption = None) -> None:

@@ -32,15 +32,21 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ModelError(f"Model path {spec} is a file, not a model directory", "pass the folder holding config.json")
+            raise ModelError(
+                f"Model path {spec} is a file, not a model directory", "pass the folder holding config.json"
+            )
         if not (local / "config.json").is_file():
-            raise ModelError(f"{spec} has no config.json, so it is not a model directory", "pass the model's folder")
+            raise ModelError(
+                f"{spec} has no config.json, so it is not a model directory", "pass the model's folder"
+            )
         return ResolvedModel(id=str(local.resolve()), path=local.resolve())
     if "@" in spec and revision is None:
         # The pool's own ids for cached Hub models are ``repo@revision``: accept them back.
         spec, revision = spec.split("@", 1)
     if not _looks_like_repo_id(spec):
-        raise NotFoundError(f"Model path {spec} does not exist", "check the path, or pass a Hugging Face id (org/name)")
+        raise NotFoundError(
+            f"Model path {spec} does not exist", "check the path, or pass a Hugging Face id (org/name)"
+        )
     path = _from_hf_cache(spec, revision)
     if path is None:
         raise NotFoundError(

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class EntryStatus:
         weights = self.measured_bytes if self.measured_bytes is not None else self.estimated_bytes
         return weights + self.kv_bytes
 
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "accounted_bytes": self.accounted_bytes}
+
 
 @dataclass(frozen=True)
 class PoolStatus:
@@ -80,6 +83,14 @@ class PoolStatus:
     @property
     def free_bytes(self) -> int:
         return max(self.budget_bytes - self.used_bytes, 0)
+
+    def as_dict(self, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Plain data, as the server's pool endpoint and ``--json`` listings give it."""
+        data = asdict(self)
+        data["entries"] = [e.as_dict() for e in self.entries]
+        data["free_bytes"] = self.free_bytes
+        data["budget"] = budget or {}
+        return data
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class Estimate:
     @property
     def needed_bytes(self) -> int:
         return self.weights_bytes + self.adapters_bytes + self.kv_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "needed_bytes": self.needed_bytes}
 
 
 @dataclass(eq=False)

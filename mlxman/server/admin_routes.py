@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
 
 from mlxman import __version__
-from mlxman.pool import EntryStatus, Estimate, PoolStatus, parse_keep_alive
+from mlxman.pool import EntryStatus, Estimate, parse_keep_alive
 from mlxman.server.schemas import EstimateRequest, KeyRequest, LoadRequest
 from mlxman.server.state import ServerState
 
@@ -28,22 +27,10 @@ def health(request: Request) -> dict[str, Any]:
     return {"status": "ok", "version": __version__}
 
 
-def entry_json(entry: EntryStatus) -> dict[str, Any]:
-    return {**asdict(entry), "accounted_bytes": entry.accounted_bytes}
-
-
-def status_json(status: PoolStatus, budget: dict[str, Any]) -> dict[str, Any]:
-    data = asdict(status)
-    data["entries"] = [entry_json(e) for e in status.entries]
-    data["free_bytes"] = status.free_bytes
-    data["budget"] = budget
-    return data
-
-
 @router.get("")
 def pool_status(request: Request) -> dict[str, Any]:
     state = _state(request)
-    return status_json(state.pool.status(), state.config.budget)
+    return state.pool.status().as_dict(state.config.budget)
 
 
 @router.post("/load")
@@ -57,7 +44,7 @@ async def load(body: LoadRequest, request: Request) -> dict[str, Any]:
         )
         return entry
 
-    return entry_json(await anyio.to_thread.run_sync(run))
+    return (await anyio.to_thread.run_sync(run)).as_dict()
 
 
 @router.post("/unload")
@@ -89,4 +76,4 @@ async def estimate(body: EstimateRequest, request: Request) -> dict[str, Any]:
 
 
 def estimate_json(estimate: Estimate) -> dict[str, Any]:
-    return {**asdict(estimate), "needed_bytes": estimate.needed_bytes}
+    return estimate.as_dict()
