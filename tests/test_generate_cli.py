@@ -230,3 +230,39 @@ def test_ctrl_c_stops_cleanly(endless_model: Path) -> None:
     assert proc.returncode == 130
     assert (first + rest).strip()
     assert "Traceback" not in err and "Interrupted" in err
+
+
+def test_vision_model_with_an_image(demo_kit: DemoKit, tmp_path: Path) -> None:
+    pytest.importorskip("mlx_vlm")
+    from PIL import Image
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(red)
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(blue)
+
+    def describe(image: Path) -> dict[str, object]:
+        result = run_cli(
+            "generate", "--model", str(demo_kit.vision_model), "--prompt", "What is this?",
+            "--image", str(image), "--max-tokens", "8", "--json",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        return dict(json.loads(result.stdout)[0])
+
+    on_red, on_blue = describe(red), describe(blue)
+    assert on_red["kind"] == "vision" and on_red["text"]
+    assert on_red["text"] != on_blue["text"]  # the image reaches the model
+    assert int(str(on_red["prompt_tokens"])) > 8  # image tokens are part of the prompt
+
+
+def test_missing_image_is_a_clear_error(demo_kit: DemoKit, tmp_path: Path) -> None:
+    pytest.importorskip("mlx_vlm")
+    proc = run_subprocess(
+        "generate",
+        "--model",
+        str(demo_kit.vision_model),
+        "--prompt",
+        "hi",
+        "--image",
+        str(tmp_path / "no.png"),
+    )
+    assert_clean_error(proc, 1, "no.png")

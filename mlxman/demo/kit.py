@@ -16,7 +16,7 @@ from mlxman.errors import ModelError
 from mlxman.settings import user_dir
 
 # Bump when anything here or in text.py / training.py changes what the kit contains: old kits are rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 DEMO_PROMPT = "Tell me something."
 MAX_TRAINING_SEEDS = 4
 
@@ -124,12 +124,14 @@ def _build(kit: DemoKit, say: Progress) -> None:
                 f"The demo adapter '{recipe.name}' did not learn its answer",
                 "run `mlxman demo --rebuild`; if it persists, report it",
             )
-    try:
-        from mlxman.demo.embeddings import build_embeddings_model
-    except ImportError:
-        return
-    say("Building the demo embeddings model (BERT, local WordPiece tokenizer)")
+    # Both are built with mlx and tokenizers only; loading them needs the embeddings / vision extras.
+    from mlxman.demo.embeddings import build_embeddings_model
+    from mlxman.demo.vision import build_vision_model
+
+    say("Building the demo embeddings model (BERT, local tokenizer)")
     build_embeddings_model(kit.embeddings_model)
+    say("Building the demo vision model (PaliGemma, random weights)")
+    build_vision_model(kit.vision_model)
 
 
 def greedy_answer(model: Path, adapter: Path | None, prompt: str = DEMO_PROMPT, max_tokens: int = 24) -> str:
