@@ -10,19 +10,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxman.demo.training import LORA_KEYS
+
 # Bump when a recipe below changes: cached models built by an older recipe are rebuilt.
 RECIPE_VERSION = 1
 BUILT_MARKER = "BENCHMARK_BUILD.json"
 # Every linear of a llama block: what a LoRA fine-tune with mlx-lm's defaults on all layers adapts.
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+LINEARS = LORA_KEYS
 ADAPTER_RANK = 8
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlxman.errors import UsageError
@@ -81,35 +81,34 @@ def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-@dataclass
-class TextGeneration:
-    """Iterate for text pieces as they are decoded; ``stats`` is complete once iteration ends."""
+class StreamingGeneration:
+    """Iterate for text pieces as they are decoded; ``stats`` is complete once iteration ends.
 
-    model: Any
-    tokenizer: Any
-    tokens: list[int]
-    request: GenerationRequest
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    text: str = ""
+    Subclasses start their backend's stream in ``responses``; its items carry mlx-lm's fields
+    (text, prompt_tokens, generation_tokens, prompt_tps, generation_tps, finish_reason).
+    """
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.stats = GenerationStats()
+        self.text = ""
+
+    def responses(self) -> Iterator[Any]:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[str]:
         import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
 
-        sampler = make_sampler(temp=self.request.temperature, top_p=self.request.top_p)
         if self.request.seed is not None:
             mx.random.seed(self.request.seed)
         stats = self.stats
-        stats.prompt_tokens = len(self.tokens)
         mx.reset_peak_memory()
         started = time.perf_counter()
         try:
-            for response in stream_generate(
-                self.model, self.tokenizer, self.tokens, max_tokens=self.request.max_tokens, sampler=sampler
-            ):
+            for response in self.responses():
                 if not stats.time_to_first_token:
                     stats.time_to_first_token = time.perf_counter() - started
+                stats.prompt_tokens = response.prompt_tokens
                 stats.generation_tokens = response.generation_tokens
                 stats.prompt_tps = response.prompt_tps
                 stats.generation_tps = response.generation_tps
@@ -122,3 +121,23 @@ class TextGeneration:
             stats.peak_memory_bytes = int(mx.get_peak_memory())
             if stats.finish_reason is None:
                 stats.finish_reason = "interrupted"
+
+
+class TextGeneration(StreamingGeneration):
+    """Text generation with mlx-lm's ``stream_generate`` on a text model."""
+
+    def __init__(self, model: Any, tokenizer: Any, tokens: list[int], request: GenerationRequest) -> None:
+        super().__init__(request)
+        self.model, self.tokenizer, self.tokens = model, tokenizer, tokens
+        self.stats.prompt_tokens = len(tokens)
+
+    def responses(self) -> Iterator[Any]:
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=self.request.temperature, top_p=self.request.top_p)
+        return iter(
+            stream_generate(
+                self.model, self.tokenizer, self.tokens, max_tokens=self.request.max_tokens, sampler=sampler
+            )
+        )

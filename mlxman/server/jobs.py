@@ -137,10 +137,10 @@ class GenerationJob:
                     f"This model is a {lease.kind} model; it cannot generate text here",
                     "use /v1/embeddings for embeddings models" if lease.kind == "embeddings" else None,
                 )
-            generation = TextGeneration(lease.model, lease.tokenizer, [], self.request)
+            tokens = prompt_tokens(lease.tokenizer, self.request)
+            generation = TextGeneration(lease.model, lease.tokenizer, tokens, self.request)
             if self._cancelled.is_set():
                 return Finished(generation.stats, "cancelled")
-            generation.tokens = prompt_tokens(lease.tokenizer, self.request)
             pieces = cast(Generator[str, None, None], iter(generation))
             try:
                 for piece in pieces:
