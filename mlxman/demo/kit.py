@@ -16,7 +16,7 @@ from mlxman.errors import ModelError
 from mlxman.settings import user_dir
 
 # Bump when anything here or in text.py / training.py changes what the kit contains: old kits are rebuilt.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 DEMO_PROMPT = "Tell me something."
 MAX_TRAINING_SEEDS = 4
 
@@ -83,6 +83,7 @@ def ensure_demo_kit(
     try:
         started = time.perf_counter()
         _build(DemoKit(staging), say)
+        _record_final_paths(DemoKit(staging), root)
         manifest = {
             "recipe_version": RECIPE_VERSION,
             "build_seconds": round(time.perf_counter() - started, 2),
@@ -95,6 +96,18 @@ def ensure_demo_kit(
         shutil.rmtree(staging, ignore_errors=True)
     _remove_old_kits(root)
     return DemoKit(root)
+
+
+def _record_final_paths(kit: DemoKit, root: Path) -> None:
+    """Training wrote the staging paths into each adapter_config.json; point them at where the kit will live,
+    so the base an adapter records is the kit's model (``adapter validate`` compares the two)."""
+    for adapter in kit.adapters.values():
+        config_file = adapter / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        for key in ("model", "data", "adapter_path"):
+            if isinstance(config.get(key), str):
+                config[key] = config[key].replace(str(kit.root), str(root))
+        config_file.write_text(json.dumps(config, indent=4))
 
 
 def _remove_old_kits(current: Path) -> None:
