@@ -102,10 +102,10 @@ def render_pool(status: dict[str, Any], where: str) -> None:
     ]
     if rows:
         # Names fold rather than end in "…": they are what `pool unload` and `pool pin` take.
-        table = Table(box=None, header_style="title", pad_edge=False)
+        table = Table(box=None, header_style="title", pad_edge=False, collapse_padding=True)
         table.add_column("NAME", overflow="fold")
         for column in ("KIND", "SIZE (EST / MEASURED)", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=True)
         for row in rows:
             table.add_row(*row)
         out.show(table)

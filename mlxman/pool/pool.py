@@ -474,6 +474,8 @@ class ModelPool:
         try:
             loaders.import_loader(TEXT if base is not None else plan.kind)
             with self._load_lock:
+                # Free what earlier work left for the collector first, or its release would blur the delta.
+                gc.collect()
                 before = mx.get_active_memory()
                 loaded: loaders.LoadedModel | None = None
                 weights: AdapterWeights | None = None
