@@ -34,6 +34,8 @@ def machine() -> dict[str, Any]:
     import mlx_lm
     import psutil
 
+    from mlxman.system import device_name
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,7 +52,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "mlx": getattr(mx, "__version__", "?"),
         "mlx_lm": mlx_lm.__version__,
-        "device": str(mx.default_device()),
+        "device": device_name(mx.default_device()),
     }
 
 

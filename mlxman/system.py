@@ -56,7 +56,7 @@ def mlx_info() -> MlxInfo:
 
         return MlxInfo(
             version=version,
-            device=_device_name(mx.default_device()),
+            device=device_name(mx.default_device()),
             active_memory=int(mx.get_active_memory()),
             peak_memory=int(mx.get_peak_memory()),
             cache_memory=int(mx.get_cache_memory()),
@@ -66,7 +66,7 @@ def mlx_info() -> MlxInfo:
         return MlxInfo(version, None, None, None, None, None, error=f"{type(exc).__name__}: {exc}")
 
 
-def _device_name(device: object) -> str:
+def device_name(device: object) -> str:
     """``Device(gpu, 0)`` -> ``gpu``."""
     kind = getattr(device, "type", None)
     return str(getattr(kind, "name", kind or device))
