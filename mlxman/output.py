@@ -84,10 +84,11 @@ class Output:
         self.stderr.print(f"[hint]{escape(message)}[/hint]")
 
     def error(self, message: str, hint: str | None = None) -> None:
-        """One line: what went wrong, then the next step."""
+        """One line: what went wrong, then the next step (on its own line after a list of findings)."""
         text = f"[error]Error:[/error] {escape(message)}"
         if hint:
-            text += f"; [hint]{escape(hint)}[/hint]"
+            text += "\nNext: " if "\n" in message else "; "
+            text += f"[hint]{escape(hint)}[/hint]"
         self.stderr.print(text)
 
 

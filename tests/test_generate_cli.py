@@ -170,7 +170,12 @@ def test_adapter_failing_validation_shows_findings(demo_kit: DemoKit, tmp_path: 
         (demo_kit.adapters["colors"] / "adapters.safetensors").read_bytes()
     )
     proc = run_subprocess("generate", "--model", str(demo_kit.model), "--adapter", str(bad), "--prompt", "hi")
-    assert_clean_error(proc, 1, "rank")
+    assert_clean_error(proc, 1, "rank", "Next: see `mlxman adapter validate")
+    # Every problem is listed, even when one of them (an unknown fine-tune type) is found first.
+    config["fine_tune_type"] = "lorax"
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    proc = run_subprocess("generate", "--model", str(demo_kit.model), "--adapter", str(bad), "--prompt", "hi")
+    assert_clean_error(proc, 1, "lorax", "declares lora_parameters.rank 3")
 
 
 def test_model_over_budget_gives_numbers(demo_kit: DemoKit) -> None:

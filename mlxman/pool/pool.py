@@ -176,8 +176,10 @@ def _validate_adapter(adapter_dir: Path, model_dir: Path) -> None:
         return
     report = validate_adapter(adapter_dir, model_dir)
     if not report.ok:
+        findings = "".join(f"\n  - {f.line()}" for f in report.errors)
         raise AdapterError(
-            f"Adapter {adapter_dir} cannot be used with {model_dir}: {report.summary()}",
+            f"Adapter {adapter_dir} cannot be used with {model_dir} "
+            f"({len(report.errors)} error(s)):{findings}",
             f"see `mlxman adapter validate {adapter_dir} --model {model_dir}`",
         )
 
@@ -404,6 +406,7 @@ class ModelPool:
         check_adapter_allowed(resolved_kind, target.base_key)
         fine_tune_type = read_adapter_config(target.adapter).get("fine_tune_type", "lora")
         if fine_tune_type not in KNOWN_FINE_TUNE_TYPES:
+            _validate_adapter(target.adapter, path)  # lists every finding, not only this one
             raise AdapterError(
                 f"Adapter {target.adapter} has unknown fine_tune_type {fine_tune_type!r}",
                 f"use one of: {', '.join(KNOWN_FINE_TUNE_TYPES)}",
