@@ -47,7 +47,16 @@ def _cases(work: Path, model: Path, good: Path, other_model: Path) -> dict[str, 
     return cases
 
 
-def _judge(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+def _headline(err: str, places: dict[str, str]) -> str:
+    """The ``Error:`` line (else the last line), with this machine's paths replaced by what they stand for."""
+    lines = err.strip().splitlines()
+    line = next((x for x in lines if x.startswith("Error:")), lines[-1] if lines else "")
+    for path, name in places.items():
+        line = line.replace(path, name)
+    return line[:200]
+
+
+def _judge(argv: list[str], env: dict[str, str], places: dict[str, str]) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -62,7 +71,7 @@ def _judge(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
         "traceback": "Traceback" in err,
         "hang": False,
         "seconds": time.perf_counter() - start,
-        "message": err.strip().splitlines()[-1][:200] if err.strip() else "",
+        "message": _headline(err, places),
     }
 
 
@@ -78,6 +87,7 @@ def run(settings: Settings) -> dict[str, Any]:
         env = {**os.environ, "MLXMAN_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1"}
         env.pop("MLXMAN_DEBUG", None)
         cases = _cases(work, model, good, other)
+        places = {str(work): "CASES", str(root): "MODELS"}
         for name, adapter in cases.items():
             for command in ("adapter validate", "generate"):
                 if command == "adapter validate":
@@ -95,7 +105,7 @@ def run(settings: Settings) -> dict[str, Any]:
                         "--max-tokens",
                         "4",
                     ]
-                rows.append({"case": name, "command": f"mlxman {command}", **_judge(argv, env)})
+                rows.append({"case": name, "command": f"mlxman {command}", **_judge(argv, env, places)})
         for name, argv in {
             "model that does not exist": [*mlxman, "generate", "--model", str(work / "nope"), "-p", "hi"],
             "model without weights": [*mlxman, "generate", "--model", str(cases["empty"]), "-p", "hi"],
@@ -110,7 +120,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 "0",
             ],
         }.items():
-            rows.append({"case": name, "command": "mlxman generate", **_judge(argv, env)})
+            rows.append({"case": name, "command": "mlxman generate", **_judge(argv, env, places)})
         leaked = _pool_leak(model, cases["wrong shapes for the base"])
     ok = [r for r in rows if r["clear"] and not r["traceback"] and not r["hang"]]
     for r in rows:

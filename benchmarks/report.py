@@ -410,7 +410,7 @@ def bad_input_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]
             "clear error",
             "traceback",
             "seconds",
-            "last line of the message",
+            "the message (CASES, MODELS: the benchmark's folders)",
         ],
         [
             [
