@@ -52,7 +52,7 @@ def mlxman_runner(
     request = _request(max_tokens)
 
     def once() -> tuple[int, float]:
-        answer = Answer.start(str(model), str(adapter) if adapter else None)
+        answer = Answer(str(model), str(adapter) if adapter else None)
         start = time.perf_counter()
         run_answer(pool, answer, request)
         return answer.stats.generation_tokens, time.perf_counter() - start

@@ -90,7 +90,7 @@ def in_process(model: Path, adapter: Path, max_tokens: int) -> Iterator[Any]:
     request = GenerationRequest(prompt=PROMPT, max_tokens=max_tokens)
 
     def once() -> tuple[int, float]:
-        answer = Answer.start(str(model), str(adapter))
+        answer = Answer(str(model), str(adapter))
         start = time.perf_counter()
         run_answer(pool, answer, request)
         return answer.stats.generation_tokens, time.perf_counter() - start

@@ -40,10 +40,6 @@ class Answer:
     swap_seconds: float = 0.0
     base_was_resident: bool = False
 
-    @classmethod
-    def start(cls, model: str, adapter: str | None) -> Answer:
-        return cls(model=model, adapter=adapter)
-
     @property
     def label(self) -> str:
         return Path(self.adapter).name if self.adapter else "base"

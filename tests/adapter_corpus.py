@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxman.demo.training import LORA_KEYS
+
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
 
@@ -229,14 +231,7 @@ def both(*defects: Callable[[Path], None]) -> Callable[[Path], None]:
 
 
 Q = "model.layers.0.self_attn.q_proj"
-KEYS_WITHOUT_DOWN = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-]
+KEYS_WITHOUT_DOWN = [k for k in LORA_KEYS if k != "mlp.down_proj"]
 
 CASES: list[Case] = [
     # adapter_config.json as a file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,20 @@ def split_layer(path: str) -> tuple[str, int, str] | None:
     if not m:
         return None
     return m["prefix"], int(m["index"]), m["rest"]
+
+
+def layers_and_targets(modules: Iterable[str]) -> tuple[set[int], set[str]]:
+    """Block indices the adapter's modules sit in, and their paths in a block (top-level paths as is)."""
+    layers: set[int] = set()
+    targets: set[str] = set()
+    for module in modules:
+        split = split_layer(module)
+        if split:
+            layers.add(split[1])
+            targets.add(split[2])
+        else:
+            targets.add(module)
+    return layers, targets
 
 
 def _block_count(config: dict[str, Any]) -> int | None:

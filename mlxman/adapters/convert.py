@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mlxman.adapters.base import read_base, split_layer
+from mlxman.adapters.base import layers_and_targets, read_base, split_layer
 from mlxman.adapters.config import check_config, read_adapter_config
 from mlxman.adapters.findings import ValidationReport
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS, PEFT_PREFIX, PEFT_WEIGHTS
@@ -203,8 +203,6 @@ def _mlx_to_peft(src: Path, dst: Path, config: dict[str, Any], report: Validatio
     assert s.rank is not None and s.scale is not None
     weights = _load(src / MLX_WEIGHTS)
     out: dict[str, mx.array] = {}
-    layers: set[int] = set()
-    targets: set[str] = set()
     for name, value in weights.items():
         module, _, leaf = name.rpartition(".")
         if value.ndim != 2:
@@ -213,12 +211,7 @@ def _mlx_to_peft(src: Path, dst: Path, config: dict[str, Any], report: Validatio
             )
         peft_leaf = "lora_A" if leaf == "lora_a" else "lora_B"
         out[f"{PEFT_PREFIX}{module}.{peft_leaf}.weight"] = value.T
-        split = split_layer(module)
-        if split:
-            layers.add(split[1])
-            targets.add(split[2])
-        else:
-            targets.add(module)
+    layers, targets = layers_and_targets(name.rpartition(".")[0] for name in weights)
     mx.save_safetensors(str(dst / PEFT_WEIGHTS), out, metadata={"format": "pt"})
     alpha = s.scale * s.rank
     peft_config: dict[str, Any] = {

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxman.adapters.base import split_layer
+from mlxman.adapters.base import layers_and_targets
 from mlxman.adapters.config import check_config, read_adapter_config
 from mlxman.adapters.findings import AdapterFormat, ValidationReport
 from mlxman.adapters.formats import detect_format, weights_file
@@ -58,6 +58,14 @@ class AdapterInfo:
     training: dict[str, Any] = field(default_factory=dict)
 
 
+def _module_path(tensor: str) -> str:
+    """``base_model.model.x.lora_A.weight`` or ``x.lora_a`` -> ``x``."""
+    module = tensor.removeprefix("base_model.model.")
+    for leaf in (".lora_A.weight", ".lora_B.weight", ".lora_a", ".lora_b", ".m", ".A", ".B", ".weight"):
+        module = module.removesuffix(leaf)
+    return module
+
+
 def adapter_info(adapter_dir: str | Path) -> AdapterInfo:
     """Describe an adapter from its config and header; AdapterError when either cannot be read."""
     path = Path(adapter_dir)
@@ -70,18 +78,7 @@ def adapter_info(adapter_dir: str | Path) -> AdapterInfo:
         header = read_header(path / wfile)
     except HeaderError as exc:
         raise AdapterError(f"Adapter {path}: {exc}", "run `mlxman adapter validate` on it") from None
-    layers: set[int] = set()
-    targets: set[str] = set()
-    for name in header.tensors:
-        module = name.removeprefix("base_model.model.")
-        for leaf in (".lora_A.weight", ".lora_B.weight", ".lora_a", ".lora_b", ".m", ".A", ".B", ".weight"):
-            module = module.removesuffix(leaf)
-        split = split_layer(module)
-        if split:
-            layers.add(split[1])
-            targets.add(split[2])
-        else:
-            targets.add(module)
+    layers, targets = layers_and_targets(_module_path(name) for name in header.tensors)
     scale = settings.scale
     if fmt == "peft" and settings.rank and settings.alpha is not None:
         scale = settings.alpha / (settings.rank**0.5 if settings.use_rslora else settings.rank)

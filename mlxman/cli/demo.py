@@ -36,7 +36,7 @@ def demo(
     with open_pool(memory_limit) as pool:
         for adapter in [None, *kit.adapters.values()]:
             answers.append(
-                run_answer(pool, Answer.start(str(kit.model), str(adapter) if adapter else None), request)
+                run_answer(pool, Answer(str(kit.model), str(adapter) if adapter else None), request)
             )
         status = pool.status()
     if json_output:

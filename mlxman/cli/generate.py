@@ -95,7 +95,7 @@ def generate(
     answers: list[Answer] = []
     with open_pool(memory_limit) as pool:
         for adapter_path in adapters:
-            answer = Answer.start(model, adapter_path)
+            answer = Answer(model, adapter_path)
             if stream and several:
                 out.stdout.print(f"[title]── {answer.label} ──[/title]")
             try:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS
 from mlxman.errors import AdapterError, NotFoundError
 from mlxman.models.resolve import ResolvedModel, resolve_model
 
 SEPARATOR = "::"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapters.safetensors"
+# The adapter package owns the mlx-lm file names and the bounded config reader; the pool uses the same ones.
+ADAPTER_CONFIG = CONFIG_FILE
+ADAPTER_WEIGHTS = MLX_WEIGHTS
 
 
 def adapter_key(model_id: str, adapter_path: Path) -> str:
@@ -40,17 +40,6 @@ def resolve_adapter_dir(spec: str) -> Path:
             "pass the folder `mlx_lm lora` wrote, or convert a PEFT adapter with `mlxman adapter convert`",
         )
     return path
-
-
-def read_adapter_config(path: Path) -> dict[str, Any]:
-    file = path / ADAPTER_CONFIG
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"Cannot read {file}: {exc}", "fix the file or retrain the adapter") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file} is not a JSON object", "fix the file or retrain the adapter")
-    return data
 
 
 @dataclass(frozen=True)

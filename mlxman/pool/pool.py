@@ -13,17 +13,17 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxman.adapters.config import read_adapter_config
+from mlxman.adapters.formats import FINE_TUNE_TYPES
 from mlxman.errors import AdapterError, MemoryBudgetError, MlxmanError, NotFoundError
 from mlxman.memory import format_bytes, system_memory
 from mlxman.models.resolve import read_config
 from mlxman.pool import loaders, policy
 from mlxman.pool.estimate import adapter_bytes, model_footprint
-from mlxman.pool.keys import Target, read_adapter_config, resolve_target
+from mlxman.pool.keys import Target, resolve_target
 from mlxman.pool.kinds import TEXT, VISION, check_adapter_allowed, resolve_kind
 from mlxman.pool.swap import AdapterWeights, Applied, SwapResult, read_adapter, swap
 from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_MODELS
-
-KNOWN_FINE_TUNE_TYPES = ("lora", "dora", "full")
 
 
 @dataclass(frozen=True)
@@ -399,17 +399,23 @@ class ModelPool:
 
     def _plan(self, model: str, adapter: str | None, kind: str | None) -> _Plan:
         target = resolve_target(model, adapter)
+        with self._lock:
+            resident = self._entries.get(target.key)
+        if resident is not None and kind in (None, resident.kind):
+            # Known from its load: no need to read its config files again on every request.
+            mode = "child" if resident.parent is not None else "own" if target.adapter else "base"
+            return _Plan(target, resident.kind, mode)
         path = target.model.path
         resolved_kind = resolve_kind(path, read_config(path), kind)
         if target.adapter is None:
             return _Plan(target, resolved_kind, "base")
         check_adapter_allowed(resolved_kind, target.base_key)
         fine_tune_type = read_adapter_config(target.adapter).get("fine_tune_type", "lora")
-        if fine_tune_type not in KNOWN_FINE_TUNE_TYPES:
+        if fine_tune_type not in FINE_TUNE_TYPES:
             _validate_adapter(target.adapter, path)  # lists every finding, not only this one
             raise AdapterError(
                 f"Adapter {target.adapter} has unknown fine_tune_type {fine_tune_type!r}",
-                f"use one of: {', '.join(KNOWN_FINE_TUNE_TYPES)}",
+                f"use one of: {', '.join(FINE_TUNE_TYPES)}",
             )
         # Full fine-tunes replace base tensors; mlx-vlm adapters have their own format: own models, both.
         own = fine_tune_type == "full" or resolved_kind == VISION

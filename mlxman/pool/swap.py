@@ -10,8 +10,9 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxman.adapters.config import read_adapter_config
 from mlxman.errors import AdapterError
-from mlxman.pool.keys import ADAPTER_WEIGHTS, read_adapter_config
+from mlxman.pool.keys import ADAPTER_WEIGHTS
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 SWAPPABLE_TYPES = ("lora", "dora")
