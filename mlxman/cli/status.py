@@ -21,6 +21,7 @@ class StatusReport:
     budget: Budget
     user_dir: str
     config_file: str | None
+    server: str
     pool: dict[str, Any] | None = None
 
 
@@ -34,18 +35,19 @@ def collect(memory_limit: str | None) -> StatusReport:
         budget=budget,
         user_dir=str(user_dir()),
         config_file=str(config.path) if config.exists else None,
-        pool=_server_pool(),
+        **_server_pool(),
     )
 
 
-def _server_pool() -> dict[str, Any] | None:
-    """The running server's pool (address from $MLXMAN_HOST or the default); None when none answers."""
+def _server_pool() -> dict[str, Any]:
+    """Where a server would answer ($MLXMAN_HOST or the default), and its pool when one does."""
     from mlxman.cli.pool import running_pool
     from mlxman.client import server_address
 
     address = server_address()
     pool = running_pool(address)
-    return None if pool is None else {"running": True, "address": address.url, **pool}
+    running = None if pool is None else {"running": True, "address": address.url, **pool}
+    return {"server": address.url, "pool": running}
 
 
 def render(report: StatusReport) -> None:
@@ -71,13 +73,13 @@ def render(report: StatusReport) -> None:
     grid.add_row("Pool budget", f"{format_bytes(b.limit_bytes)} ({b.spec}, from {b.source})")
     grid.add_row("User dir", report.user_dir)
     grid.add_row("Config", report.config_file or "none")
+    grid.add_row("Server", report.server if report.pool is not None else f"none running at {report.server}")
     out.show(grid)
     if report.pool is not None:
         from mlxman.cli.pool import render_pool
-        from mlxman.client import parse_address
 
-        out.text("\nPool of the server at " + report.pool["address"])
-        render_pool(report.pool, f"server {parse_address(report.pool['address'])}")
+        out.text(f"\nPool of the server at {report.server}")
+        render_pool(report.pool, f"server {report.server}")
 
 
 def status(json_output: JsonOption = False, memory_limit: MemoryLimitOption = None) -> None:
