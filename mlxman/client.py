@@ -90,9 +90,6 @@ class PoolClient:
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.timeout = timeout
 
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/health")
-
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/api/pool")
 

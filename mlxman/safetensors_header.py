@@ -155,7 +155,3 @@ def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
     for (_s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(spans):
         if s2 < e1:
             raise HeaderError(f"{path.name}: tensors {n1!r} and {n2!r} overlap in the file")
-
-
-def read_headers(paths: list[Path]) -> list[SafetensorsHeader]:
-    return [read_header(p) for p in paths]

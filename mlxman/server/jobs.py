@@ -95,10 +95,6 @@ class GenerationJob:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
     async def events(self) -> AsyncGenerator[Event, None]:
         """Pieces of text, then one Finished or Failed; leaving early cancels the generation."""
         if self._thread is None:
