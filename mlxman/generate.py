@@ -33,7 +33,7 @@ class GenerationRequest:
         if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise UsageError(
                 f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {self.max_tokens}",
-                "pass a smaller --max-tokens",
+                f"pass --max-tokens between 1 and {MAX_TOKENS_LIMIT}",
             )
         if not 0.0 <= self.temperature <= 10.0:
             raise UsageError(f"temperature must be in [0, 10], got {self.temperature}", "use e.g. --temp 0.7")

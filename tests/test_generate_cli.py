@@ -271,3 +271,8 @@ def test_missing_image_is_a_clear_error(demo_kit: DemoKit, tmp_path: Path) -> No
         str(tmp_path / "no.png"),
     )
     assert_clean_error(proc, 1, "no.png")
+
+
+def test_embed_refuses_a_text_model(demo_kit: DemoKit) -> None:
+    proc = run_subprocess("embed", "--model", str(demo_kit.model), "hello")
+    assert_clean_error(proc, 2, "is a text model, not an embeddings model", "mlxman generate")

@@ -37,13 +37,16 @@ def embed(
     if not model:
         raise UsageError("No model given", "pass --model with an embeddings model directory")
     items = read_texts(texts)
-    with open_pool(memory_limit) as pool, pool.acquire(model, kind="embeddings") as lease:
-        if lease.kind != "embeddings":
+    with open_pool(memory_limit) as pool:
+        # The kind comes from the model's files: refuse a text or vision model before loading it.
+        kind = pool.estimate(model).kind
+        if kind != "embeddings":
             raise UsageError(
-                f"{lease.key} is a {lease.kind} model, not an embeddings model",
+                f"{model} is a {kind} model, not an embeddings model",
                 "use `mlxman generate` for it, or pass an embeddings model",
             )
-        result = embed_texts(lease.model, lease.tokenizer, items)
+        with pool.acquire(model) as lease:
+            result = embed_texts(lease.model, lease.tokenizer, items)
     if json_output:
         out.json(
             {
