@@ -47,6 +47,14 @@ class MemoryBudgetError(MlxmanError):
     """A load does not fit the pool's memory budget or the machine's available memory."""
 
 
+class InUseError(MlxmanError):
+    """An entry cannot be changed now because requests are using it (HTTP 409)."""
+
+
+class ContextError(UsageError):
+    """A prompt plus its max_tokens does not fit the context the pool admitted for the model."""
+
+
 class ServerError(MlxmanError):
     """The mlxman server cannot be reached or answered with an error."""
 
