@@ -404,6 +404,7 @@ stream's; "two adapters, alternating" makes consecutive requests switch adapters
 def bad_input_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]]:
     body = table(
         [
+            "class",
             "malformed input",
             "command",
             "exit",
@@ -414,6 +415,7 @@ def bad_input_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]
         ],
         [
             [
+                x.get("class", "adapter"),
                 x["case"],
                 f"`{x['command']}`",
                 x["exit"],
@@ -425,12 +427,21 @@ def bad_input_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]
             for x in r["rows"]
         ],
     )
+    threads = r.get("threads")
+    thread_line = (
+        f" Over {threads['requests']} requests alternating adapters, the server's OS threads went from "
+        f"{threads['before']} to {threads['after']} (no thread per request)."
+        if threads
+        else ""
+    )
     text = f"""## 7. Bad input
 
-Broken adapters (each a sound one with one thing wrong) and bad models or arguments through the
-installed CLI, as
-subprocesses, plus a pool asked for an adapter of the wrong shapes: its MLX active memory after it is closed
-differs from before by {r["pool_leak_bytes"]:+d} bytes.
+Broken adapters (each a sound one with one thing wrong), hostile files in model and adapter folders (FIFOs,
+links to devices, sparse giants, deep nesting, symlink loops) and bad arguments through the installed CLI, as
+subprocesses; hostile HTTP requests against a real `mlxman serve` with an API key, `--adapter-root` and a
+512-token context (for these, "exit" is the HTTP status, and "clear" also needs the expected status and the same
+connection still answering); plus a pool asked for an adapter of the wrong shapes: its MLX active memory after it
+is closed differs from before by {r["pool_leak_bytes"]:+d} bytes.{thread_line}
 
 {body}
 """

@@ -30,18 +30,25 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(preload: list[str], log: Path) -> Iterator[str]:
-    """``mlxman serve`` as a subprocess on a free port, preloading (and so allowing) ``preload``."""
+def running_server(
+    preload: list[str], log: Path, extra: list[str] | None = None, pid: list[int] | None = None
+) -> Iterator[str]:
+    """``mlxman serve`` as a subprocess on a free port, preloading (and so allowing) ``preload``.
+
+    ``extra`` adds serve flags; ``pid``, when given, receives the server's process id.
+    """
     import httpx
 
     port = free_port()
-    argv = [*mlxman_command(), "serve", "--port", str(port), "--keep-alive", "-1"]
+    argv = [*mlxman_command(), "serve", "--port", str(port), "--keep-alive", "-1", *(extra or [])]
     for key in preload:
         argv += ["--preload", key]
     with tempfile.TemporaryDirectory(prefix="mlxman-bench-home-") as home, log.open("w") as err:
         env = {**os.environ, "MLXMAN_HOME": home, "HF_HUB_OFFLINE": "1"}
         env.pop("MLXMAN_API_KEY", None)
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        if pid is not None:
+            pid.append(proc.pid)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
