@@ -439,9 +439,9 @@ def bad_input_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]
 Broken adapters (each a sound one with one thing wrong), hostile files in model and adapter folders (FIFOs,
 links to devices, sparse giants, deep nesting, symlink loops) and bad arguments through the installed CLI, as
 subprocesses; hostile HTTP requests against a real `mlxman serve` with an API key, `--adapter-root` and a
-512-token context (for these, "exit" is the HTTP status, and "clear" also needs the expected status and the same
-connection still answering); plus a pool asked for an adapter of the wrong shapes: its MLX active memory after it
-is closed differs from before by {r["pool_leak_bytes"]:+d} bytes.{thread_line}
+512-token context (for these, "exit" is the HTTP status, and "clear" also needs the expected status and the
+same connection still answering); plus a pool asked for an adapter of the wrong shapes: its MLX active memory
+after it is closed differs from before by {r["pool_leak_bytes"]:+d} bytes.{thread_line}
 
 {body}
 """
