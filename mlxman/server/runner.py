@@ -34,6 +34,7 @@ class ServeOptions:
     preload: Sequence[str] = ()
     roots: Sequence[Path] = ()
     api_key: str | None = None
+    admin_key: str | None = None
 
 
 def setup_logging() -> None:
@@ -97,7 +98,12 @@ def serve(options: ServeOptions, narrate: Narrate) -> None:
             narrate(f"Loaded {entry.key} ({entry.kind}, {format_bytes(entry.accounted_bytes)}, pinned)")
         budget = {"spec": options.budget.spec, "source": options.budget.source}
         config = ServerConfig(
-            host=options.host, port=options.port, api_key=options.api_key, roots=options.roots, budget=budget
+            host=options.host,
+            port=options.port,
+            api_key=options.api_key,
+            admin_key=options.admin_key,
+            roots=options.roots,
+            budget=budget,
         )
         app = create_app(pool, config)
         server = uvicorn.Server(

@@ -33,6 +33,8 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str | None = None
+    # Lifts the roots on the admin routes for whoever presents it; see security.check_bearer.
+    admin_key: str | None = None
     roots: Sequence[Path] = ()
     max_pending: int = MAX_PENDING_GENERATIONS
     expire_interval: float = EXPIRE_INTERVAL_SECONDS
