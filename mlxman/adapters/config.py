@@ -223,9 +223,10 @@ def _check_mlx(config: dict[str, Any], fmt: AdapterFormat, report: ValidationRep
     num_layers = config.get("num_layers")
     if num_layers is None:
         if fmt == "mlx":
-            report.error(
-                c.where("num_layers"), "is missing (mlx-lm fails to load without it)", "set it, -1 for all"
-            )
+            # Older mlx-lm wrote the same setting as lora_layers; today's mlx-lm reads only num_layers.
+            old = config.get("lora_layers")
+            hint = f'rename "lora_layers" to "num_layers" ({old!r})' if _is_int(old) else "set it, -1 for all"
+            report.error(c.where("num_layers"), "is missing (mlx-lm fails to load without it)", hint)
     elif not _is_int(num_layers):
         report.error(
             c.where("num_layers"), f"must be an integer, not {_short(num_layers)}", "set it, -1 for all"

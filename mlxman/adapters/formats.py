@@ -23,31 +23,49 @@ FORMAT_NAMES: dict[str, str] = {
 }
 
 
+# Keys only mlx-lm writes (its own loader reads them) and keys that mark a Hugging Face PEFT config.
+MLX_KEYS = ("lora_parameters", "fine_tune_type", "num_layers")
+PEFT_KEYS = ("peft_type", "r", "lora_alpha", "target_modules")
+
+
 def detect_format(config: dict[str, Any] | None, files: set[str]) -> AdapterFormat:
-    """Guess the format from the config's keys, then from which weight file is present."""
+    """Tell the format from the weight file present and the keys each format's own loader reads.
+
+    Training scripts copy every argument they got into the config, so an mlx-lm adapter may also carry
+    PEFT-like keys (``lora_rank``, ``lora_alpha``, ``target_modules``): mlx-lm's own keys and its weight
+    file win over those.
+    """
+    mlx_file = MLX_WEIGHTS in files
+    peft_file = PEFT_WEIGHTS in files or PEFT_PICKLE in files
     if config is not None:
-        if "peft_type" in config or "lora_alpha" in config or "target_modules" in config:
-            return "peft"
+        mlx_keys = any(k in config for k in MLX_KEYS)
         if "base_quantization" in config:
             return "mlx-vlm"
-        if "lora_parameters" in config or "fine_tune_type" in config or "num_layers" in config:
-            params = config.get("lora_parameters")
-            keys = params.get("keys") if isinstance(params, dict) else None
-            if isinstance(keys, list) and any(
-                isinstance(k, str) and k.startswith(VLM_PREFIXES) for k in keys
-            ):
-                return "mlx-vlm"
-            return "mlx"
+        if mlx_keys and (mlx_file or not peft_file):
+            return _mlx_or_vlm(config)
+        if any(k in config for k in PEFT_KEYS):
+            return "peft"
+        if mlx_keys:
+            return _mlx_or_vlm(config)
         # mlx-vlm's legacy format: {rank, alpha, dropout} at the top level.
         if "rank" in config and "alpha" in config:
             return "mlx-vlm"
-    if MLX_WEIGHTS in files:
+    if mlx_file:
         return "mlx"
-    if PEFT_WEIGHTS in files or PEFT_PICKLE in files:
+    if peft_file:
         return "peft"
     if VLM_WEIGHTS in files:
         return "mlx-vlm"
     return "unknown"
+
+
+def _mlx_or_vlm(config: dict[str, Any]) -> AdapterFormat:
+    """mlx-vlm adapters use mlx-lm's keys but name modules from the model's root (``language_model.``)."""
+    params = config.get("lora_parameters")
+    keys = params.get("keys") if isinstance(params, dict) else None
+    if isinstance(keys, list) and any(isinstance(k, str) and k.startswith(VLM_PREFIXES) for k in keys):
+        return "mlx-vlm"
+    return "mlx"
 
 
 def weights_file(fmt: AdapterFormat, files: set[str]) -> str:

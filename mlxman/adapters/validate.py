@@ -29,6 +29,7 @@ from mlxman.adapters.formats import (
     weights_file,
 )
 from mlxman.errors import MlxmanError
+from mlxman.files import path_problem
 from mlxman.safetensors_header import HeaderError, TensorInfo, read_header
 
 __all__ = ["AdapterModule", "read_adapter_config", "validate_adapter"]
@@ -85,6 +86,10 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(parts)
 
 
+def _blocks(indices: list[int]) -> str:
+    return f"block{'s' if len(indices) > 1 else ''} {_ranges(indices)}"
+
+
 def validate_adapter(adapter_dir: str | Path, model_dir: str | Path | None = None) -> ValidationReport:
     """Check an adapter (and its fit to ``model_dir``) from JSON and headers; never raises on bad input."""
     adapter_dir = Path(adapter_dir)
@@ -98,8 +103,10 @@ def validate_adapter(adapter_dir: str | Path, model_dir: str | Path | None = Non
 
 def _validate(report: ValidationReport, adapter_dir: Path, model_dir: Path | None) -> None:
     try:
-        if not adapter_dir.is_dir():
-            what = "does not exist" if not adapter_dir.exists() else "is a file, not an adapter directory"
+        problem = path_problem(adapter_dir, want_dir=True)
+        if problem is not None:
+            what = "does not exist" if problem == "is missing" else problem
+            what = what.replace("is a file, not a folder", "is a file, not an adapter directory")
             report.error(str(adapter_dir), what, "pass the folder holding adapter_config.json")
             return
         files = set(os.listdir(adapter_dir))
@@ -477,7 +484,9 @@ def _check_coverage(
     if base is not None and base.num_blocks:
         declared = list(_window(s, base.num_blocks))
     elif s.num_layers is not None and s.num_layers > 0:
-        declared = list(range(max(covered) - s.num_layers + 1, max(covered) + 1))
+        # Without the base, its last block is the last one with tensors; mlx-lm wraps the last num_layers
+        # blocks, every block when the base has fewer (a 16-block setting trained on a 2-block model).
+        declared = list(range(max(0, max(covered) - s.num_layers + 1), max(covered) + 1))
     else:
         declared = list(range(max(covered) + 1))
     if s.format == "mlx-vlm" and s.keys is not None:
@@ -486,8 +495,9 @@ def _check_coverage(
     if missing and declared:
         report.error(
             "coverage",
-            f"covers blocks {_ranges(covered)} but declares {len(declared)} (num_layers={s.num_layers}); "
-            f"blocks {_ranges(missing)} have no tensors and would silently stay unadapted",
+            f"covers {_blocks(covered)} but mlx-lm would wrap {_blocks(declared)} "
+            f"(num_layers={s.num_layers}); {_blocks(missing)} {'has' if len(missing) == 1 else 'have'} "
+            "no tensors and would silently stay unadapted",
             "set num_layers to the number of blocks it covers, or re-save the complete adapter",
         )
     if base is None and s.num_layers is not None and s.num_layers > 0 and len(covered) > s.num_layers:
@@ -497,6 +507,13 @@ def _check_coverage(
             "raise num_layers to cover every block it has tensors for",
         )
     keys = set().union(*by_layer.values())
+    if s.keys is None and base is not None and s.format == "mlx":
+        # Without keys mlx-lm wraps every linear and embedding of a block: each one needs its tensors.
+        keys |= {
+            split[2]
+            for m in base.modules.values()
+            if m.experts is None and (split := split_layer(m.path)) and split[0] == prefix
+        }
     if s.keys is not None:
         keys |= {k for k in s.keys if k not in top_level}
         for key in sorted(k for k in s.keys if k not in keys and k not in top_level and base is None):

@@ -22,7 +22,7 @@ from mlxman.pool import loaders, policy
 from mlxman.pool.estimate import adapter_bytes, model_footprint
 from mlxman.pool.keys import Target, resolve_target
 from mlxman.pool.kinds import TEXT, VISION, check_adapter_allowed, resolve_kind
-from mlxman.pool.swap import AdapterWeights, Applied, SwapResult, read_adapter, swap
+from mlxman.pool.swap import AdapterWeights, Applied, SwapResult, check_applicable, read_adapter, swap
 from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_MODELS
 
 
@@ -410,7 +410,9 @@ class ModelPool:
         if target.adapter is None:
             return _Plan(target, resolved_kind, "base")
         check_adapter_allowed(resolved_kind, target.base_key)
-        fine_tune_type = read_adapter_config(target.adapter).get("fine_tune_type", "lora")
+        adapter_config = read_adapter_config(target.adapter)
+        check_applicable(target.adapter, adapter_config)
+        fine_tune_type = adapter_config.get("fine_tune_type", "lora")
         if fine_tune_type not in FINE_TUNE_TYPES:
             _validate_adapter(target.adapter, path)  # lists every finding, not only this one
             raise AdapterError(

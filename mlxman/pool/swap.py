@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -11,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxman.adapters.config import read_adapter_config
+from mlxman.adapters.formats import detect_format
 from mlxman.errors import AdapterError
 from mlxman.pool.keys import ADAPTER_WEIGHTS
 
@@ -50,6 +52,19 @@ class AdapterWeights:
             tuple(sorted(keys)) if isinstance(keys, list) else keys,
             p.get("dropout"),
             tuple(sorted(self.weights)),
+        )
+
+
+def check_applicable(path: Path, config: dict[str, Any]) -> None:
+    """Refuse, with the next step, an adapter format that mlx-lm's wrappers cannot take as is."""
+    try:
+        files = set(os.listdir(path))
+    except OSError:
+        return  # reading its files reports that in plain words later
+    if detect_format(config, files) == "peft":
+        raise AdapterError(
+            f"Adapter {path} is a Hugging Face PEFT adapter, which mlx-lm cannot apply as is",
+            f"convert it once with `mlxman adapter convert {path} NEW_FOLDER --to mlx` and use NEW_FOLDER",
         )
 
 
