@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxman.files import FileProblem, open_regular
+
 # safetensors itself refuses headers over 100 MB; anything larger is hostile or broken.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {
@@ -59,22 +61,29 @@ class SafetensorsHeader:
     file_size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    header_bytes: int = 0
 
     @property
     def data_bytes(self) -> int:
         """Bytes the tensors occupy once loaded: the sum of their byte ranges."""
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def declared_size(self) -> int:
+        """The file size the header implies: length field, header, and data up to the last tensor's end."""
+        return 8 + self.header_bytes + max((t.end for t in self.tensors.values()), default=0)
+
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse and check a safetensors header (reading nothing past it); raise HeaderError if malformed."""
     path = Path(path)
     try:
-        if not path.is_file():
-            kind = "a directory" if path.is_dir() else "missing"
-            raise HeaderError(f"{path.name} is {kind}, not a safetensors file")
-        with path.open("rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        f, st = open_regular(path)
+    except FileProblem as exc:
+        raise HeaderError(str(exc)) from None
+    file_size = st.st_size
+    try:
+        with f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise HeaderError(
@@ -88,12 +97,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             if length > file_size - 8:
                 raise HeaderError(
                     f"{path.name} declares a {length}-byte header but the file has only {file_size - 8} "
-                    "bytes after "
-                    "its length field (truncated or not safetensors)"
+                    "bytes after its length field (truncated or not safetensors)"
                 )
             raw = f.read(length)
     except OSError as exc:
-        raise HeaderError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+        raise HeaderError(f"{path.name} cannot be read: {exc.strerror or exc}") from None
     return _parse(path, file_size, raw)
 
 
@@ -117,7 +125,9 @@ def _parse(path: Path, file_size: int, raw: bytes) -> SafetensorsHeader:
             continue
         tensors[name] = _tensor(path, name, entry, data_size)
     _check_overlaps(path, tensors)
-    return SafetensorsHeader(path=path, file_size=file_size, tensors=tensors, metadata=metadata)
+    return SafetensorsHeader(
+        path=path, file_size=file_size, tensors=tensors, metadata=metadata, header_bytes=len(raw)
+    )
 
 
 def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlxman.errors import ModelError, NotFoundError
+from mlxman.files import CONFIG_MAX_BYTES, FileProblem, exists, path_problem, read_json_object
+
+CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True)
@@ -30,16 +32,14 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     if not spec or not spec.strip():
         raise ModelError("No model given", "pass --model with a local model directory or a Hugging Face id")
     local = Path(spec).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ModelError(
-                f"Model path {spec} is a file, not a model directory", "pass the folder holding config.json"
-            )
-        if not (local / "config.json").is_file():
-            raise ModelError(
-                f"{spec} has no config.json, so it is not a model directory", "pass the model's folder"
-            )
-        return ResolvedModel(id=str(local.resolve()), path=local.resolve())
+    problem = path_problem(local, want_dir=True)
+    if problem is None:
+        return _local_model(spec, local)
+    if "too long" in problem:
+        raise NotFoundError(f"Model path {spec} {problem}", "check the path")
+    if problem != "is missing":  # something is there, but not a folder: say what it is
+        words = problem.replace("not a folder", "not a model directory")
+        raise ModelError(f"Model path {spec} {words}", "pass the folder holding config.json")
     if "@" in spec and revision is None:
         # The pool's own ids for cached Hub models are ``repo@revision``: accept them back.
         spec, revision = spec.split("@", 1)
@@ -57,6 +57,19 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     return ResolvedModel(id=f"{spec}@{rev}", path=path, repo_id=spec, revision=rev)
 
 
+def _local_model(spec: str, local: Path) -> ResolvedModel:
+    config = local / CONFIG_FILE
+    problem = path_problem(config)
+    if problem == "is missing":
+        raise ModelError(
+            f"{spec} has no {CONFIG_FILE}, so it is not a model directory", "pass the model's folder"
+        )
+    if problem is not None:
+        raise ModelError(f"Model {spec}: {CONFIG_FILE} {problem}", "replace it with the model's real file")
+    path = local.resolve()
+    return ResolvedModel(id=str(path), path=path)
+
+
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -66,21 +79,20 @@ def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         return None
     path = Path(found)
-    return path if (path / "config.json").is_file() else None
+    return path if exists(path / CONFIG_FILE) else None
 
 
 def read_config(path: Path) -> dict[str, Any]:
     """A model's config.json as a dict, with a clear error when it is not one."""
-    file = path / "config.json"
+    file = path / CONFIG_FILE
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path} has no config.json", "pass a model directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"Cannot read {file}: {exc}", "fix or re-download the model") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{file} is not a JSON object", "fix or re-download the model")
-    return data
+        return read_json_object(file, CONFIG_MAX_BYTES, "a model config")
+    except FileProblem as exc:
+        if exc.problem == "is missing":
+            raise ModelError(f"{path} has no {CONFIG_FILE}", "pass a model directory") from None
+        raise ModelError(f"Model {path}: {exc}", "replace it with the model's real file") from None
+    except ValueError as exc:
+        raise ModelError(f"Model {path}: {CONFIG_FILE} {exc}", "fix or re-download the model") from None
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS
 from mlxman.errors import AdapterError, NotFoundError
+from mlxman.files import path_problem
 from mlxman.models.resolve import ResolvedModel, resolve_model
 
 SEPARATOR = "::"
@@ -27,17 +28,24 @@ def split_key(spec: str) -> tuple[str, str | None]:
 
 def resolve_adapter_dir(spec: str) -> Path:
     """The absolute directory of an mlx-lm adapter, so ``./a`` and ``/abs/a`` name one entry."""
-    path = Path(spec).expanduser().resolve()
-    if not path.exists():
-        raise NotFoundError(f"Adapter path {spec} does not exist", "check the path to the adapter directory")
-    if not path.is_dir():
-        raise AdapterError(
-            f"Adapter path {spec} is a file, not an adapter directory", "pass the folder holding it"
-        )
-    if not (path / ADAPTER_CONFIG).is_file():
+    given = Path(spec).expanduser()
+    problem = path_problem(given, want_dir=True)
+    if problem == "is missing" or (problem and "too long" in problem):
+        words = "does not exist" if problem == "is missing" else problem
+        raise NotFoundError(f"Adapter path {spec} {words}", "check the path to the adapter directory")
+    if problem:
+        words = problem.replace("not a folder", "not an adapter directory")
+        raise AdapterError(f"Adapter path {spec} {words}", "pass the folder holding the adapter")
+    path = given.resolve()
+    config = path_problem(path / ADAPTER_CONFIG)
+    if config == "is missing":
         raise AdapterError(
             f"{spec} has no {ADAPTER_CONFIG}, so it is not an mlx-lm adapter",
             "pass the folder `mlx_lm lora` wrote, or convert a PEFT adapter with `mlxman adapter convert`",
+        )
+    if config:
+        raise AdapterError(
+            f"Adapter {spec}: {ADAPTER_CONFIG} {config}", "run `mlxman adapter validate` on it"
         )
     return path
 
