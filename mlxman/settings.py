@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import ConfigError
+from mlxman.files import SETTINGS_MAX_BYTES, FileProblem, path_problem, read_bounded
 
 HOME_ENV = "MLXMAN_HOME"
 MEMORY_LIMIT_ENV = "MLXMAN_MEMORY_LIMIT"
@@ -59,11 +60,19 @@ class Config:
 def load_config(path: Path | None = None) -> Config:
     """Read the config file; a missing file is an empty config, a broken one a ConfigError."""
     path = path or config_path()
-    if not path.is_file():
+    if path_problem(path) == "is missing":
         return Config(path=path, exists=False)
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        values = tomllib.loads(
+            read_bounded(path, SETTINGS_MAX_BYTES, "a config file", allow_empty=True).decode()
+        )
+    except FileProblem as exc:
+        raise ConfigError(f"Cannot read config file {path}: {exc}", "fix or delete the file") from None
+    except RecursionError:
+        raise ConfigError(
+            f"Cannot read config file {path}: it is nested too deeply", "fix the file"
+        ) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"Cannot read config file {path}: {exc}", "fix or delete the file") from exc
     unknown = sorted(set(values) - CONFIG_KEYS)
     if unknown:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import NotFoundError
+from mlxman.files import IMAGE_MAX_BYTES, FileProblem, check_regular_file
 from mlxman.generate import GenerationRequest, StreamingGeneration, chat_messages
 
 
@@ -15,8 +16,15 @@ def check_images(images: tuple[str, ...] | list[str]) -> list[str]:
     paths = []
     for image in images:
         path = Path(image).expanduser()
-        if not path.is_file():
-            raise NotFoundError(f"Image {image} does not exist or is not a file", "pass a local image path")
+        try:
+            st = check_regular_file(path)
+        except FileProblem as exc:
+            raise NotFoundError(f"Image {image}: {exc}", "pass a local image path") from None
+        if st.st_size > IMAGE_MAX_BYTES:
+            raise NotFoundError(
+                f"Image {image} is {st.st_size:,} bytes, over the {IMAGE_MAX_BYTES:,}-byte limit",
+                "pass a smaller image",
+            )
         paths.append(str(path.resolve()))
     return paths
 

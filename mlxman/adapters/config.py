@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,72 +12,36 @@ from typing import Any
 from mlxman.adapters.findings import AdapterFormat, ValidationReport
 from mlxman.adapters.formats import CONFIG_FILE, FINE_TUNE_TYPES
 from mlxman.errors import AdapterError, NotFoundError
+from mlxman.files import ADAPTER_CONFIG_MAX_BYTES, parse_json_object, path_problem
+from mlxman.files import FileProblem as FileProblem
+from mlxman.files import check_regular_file as check_regular_file
+from mlxman.files import read_bounded as _read_bounded
 
-# Real adapter configs are a few KB; anything this large is not one.
-MAX_CONFIG_BYTES = 1024 * 1024
+# The bounded readers live in mlxman.files; these names stay for the adapter package's callers.
+MAX_CONFIG_BYTES = ADAPTER_CONFIG_MAX_BYTES
 PEFT_BIAS_VALUES = ("none", "all", "lora_only")
 
 
-class FileProblem(Exception):
-    """A file that cannot be used: missing, a directory, a symlink loop, unreadable, too large or empty."""
-
-
-def check_regular_file(path: Path) -> os.stat_result:
-    """Stat ``path`` and insist on a regular file; raise FileProblem naming what it is instead."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise FileProblem(f"{path.name} is a symlink loop") from None
-        if exc.errno == errno.ENOENT:
-            dangling = path.is_symlink()
-            raise FileProblem(f"{path.name} is {'a dangling symlink' if dangling else 'missing'}") from None
-        raise FileProblem(f"cannot read {path.name}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise FileProblem(f"{path.name} is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise FileProblem(f"{path.name} is not a regular file")
-    return st
-
-
 def read_bounded(path: Path, limit: int = MAX_CONFIG_BYTES) -> bytes:
-    """A small file's bytes, refusing anything that is not a regular file of at most ``limit`` bytes."""
-    st = check_regular_file(path)
-    if st.st_size > limit:
-        raise FileProblem(f"{path.name} is {st.st_size} bytes, over the {limit}-byte limit for a config")
-    try:
-        with path.open("rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as exc:
-        raise FileProblem(f"cannot read {path.name}: {exc.strerror or exc}") from None
-    if len(raw) > limit:
-        raise FileProblem(f"{path.name} is over the {limit}-byte limit for a config")
-    if not raw.strip():
-        raise FileProblem(f"{path.name} is empty")
-    return raw
+    """A small config file's bytes (see ``mlxman.files.read_bounded``)."""
+    return _read_bounded(path, limit, "an adapter config")
 
 
 def parse_config(raw: bytes) -> dict[str, Any]:
     """Decode a config's bytes into a JSON object; raise ValueError in plain words otherwise."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError("is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except RecursionError:
-        raise ValueError("is nested too deeply to be a config") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"holds a JSON {type(doc).__name__}, not an object")
-    return doc
+    return parse_json_object(raw)
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The adapter's ``adapter_config.json`` as a dict; NotFoundError or AdapterError when it cannot be."""
     path = Path(adapter_dir) / CONFIG_FILE
-    if not Path(adapter_dir).is_dir():
-        raise NotFoundError(
-            f"Adapter directory {adapter_dir} does not exist", "pass the folder of an adapter"
+    problem = path_problem(Path(adapter_dir), want_dir=True)
+    if problem:
+        # Nothing there is "does not exist"; a loop, a FIFO or a file is named for what it is.
+        gone = problem in ("is missing", "is a dangling symlink") or "too long" in problem
+        raise (NotFoundError if gone else AdapterError)(
+            f"Adapter directory {adapter_dir} {'does not exist' if problem == 'is missing' else problem}",
+            "pass the folder of an adapter",
         )
     try:
         return parse_config(read_bounded(path))

@@ -12,6 +12,7 @@ from mlxman.adapters.findings import ValidationReport
 from mlxman.adapters.formats import FORMAT_NAMES
 from mlxman.cli.options import JsonOption
 from mlxman.errors import UsageError
+from mlxman.files import path_problem
 from mlxman.memory import format_bytes
 from mlxman.output import out
 
@@ -26,8 +27,12 @@ ModelOption = Annotated[
 
 def _existing(path: Path) -> Path:
     """A path that names nothing is a usage error (exit 2), not a broken adapter."""
-    if not path.exists() and not path.is_symlink():
-        raise UsageError(f"{path} does not exist", "pass the folder of an adapter")
+    problem = path_problem(path, want_dir=True)
+    if problem == "is missing" or (problem and "too long" in problem):
+        raise UsageError(
+            f"{path} {'does not exist' if problem == 'is missing' else problem}",
+            "pass the folder of an adapter",
+        )
     return path
 
 

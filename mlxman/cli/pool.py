@@ -12,6 +12,7 @@ from rich.table import Table
 from mlxman.cli.options import JsonOption, MemoryLimitOption
 from mlxman.client import PROBE_TIMEOUT, Address, PoolClient, is_listening, server_address
 from mlxman.errors import ServerError
+from mlxman.files import exists, path_problem
 from mlxman.memory import Budget, format_bytes, resolve_budget, system_memory
 from mlxman.output import out
 from mlxman.settings import HOST_ENV, load_config
@@ -34,8 +35,14 @@ SEPARATOR = "::"
 def local_spec(spec: str) -> str:
     """Make local paths absolute (the server may run in another directory); other names pass unchanged."""
     parts = spec.split(SEPARATOR, 1)
-    fixed = [str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p for p in parts]
+    fixed = [str(Path(p).expanduser().resolve()) if p and _is_local(p) else p for p in parts]
     return SEPARATOR.join(fixed)
+
+
+def _is_local(part: str) -> bool:
+    """A path on this machine (``Path.exists`` raises on a name too long, and resolve on a symlink loop)."""
+    path = Path(part).expanduser()
+    return exists(path) and path_problem(path) != "is a symlink loop"
 
 
 def running_pool(address: Address, timeout: float = PROBE_TIMEOUT) -> dict[str, Any] | None:
