@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +14,13 @@ from mlxman.adapters.findings import ValidationReport
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS, PEFT_PREFIX, PEFT_WEIGHTS
 from mlxman.adapters.validate import validate_adapter
 from mlxman.errors import AdapterError, UsageError
+from mlxman.staging import check_destination, write_folder
 
 if TYPE_CHECKING:
     import mlx.core as mx
 
 Target = Literal["mlx", "peft"]
+STAGING_PREFIX = ".converting-"
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,10 @@ def convert_adapter(
     src, dst = Path(src), Path(dst)
     if to not in ("mlx", "peft"):
         raise UsageError(f"Unknown target format {to!r}", "use --to mlx or --to peft")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise UsageError(f"{dst} already exists and is not empty", "pick a new folder, or pass --force")
+    inputs = [("adapter being converted", src)]
+    if model is not None:
+        inputs.append(("base model", Path(model)))
+    dst = check_destination(dst, inputs, force)
     report = validate_adapter(src, model)
     if not report.ok:
         raise AdapterError(f"Cannot convert an unsound adapter:\n{report.summary()}", "fix it first")
@@ -63,17 +64,7 @@ def convert_adapter(
 
 def _write(dst: Path, force: bool, build: Any) -> ConversionResult:
     """Build into a staging folder beside ``dst``, then move it into place: no half-written adapters."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=dst.parent))
-    try:
-        result: ConversionResult = build(staging)
-        if dst.exists() and force:
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        elif dst.exists():
-            dst.rmdir()
-        os.replace(staging, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    result: ConversionResult = write_folder(dst, build, prefix=STAGING_PREFIX, replace=force)
     return ConversionResult(**{**result.__dict__, "destination": dst})
 
 

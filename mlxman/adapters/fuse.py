@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlxman.adapters.validate import validate_adapter
-from mlxman.errors import AdapterError, UsageError
+from mlxman.errors import AdapterError
 from mlxman.models.resolve import resolve_model
+from mlxman.staging import check_destination, write_folder
+
+STAGING_PREFIX = ".fusing-"
 
 
 @dataclass(frozen=True)
@@ -29,29 +30,26 @@ class FuseResult:
 def fuse_adapter(model: str, adapter: str | Path, out: str | Path, dequantize: bool = False) -> FuseResult:
     """Write base + adapter as one model to ``out`` (a new folder); refuse an adapter that does not fit."""
     adapter, out = Path(adapter), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists and is not empty", "pick a new folder for the fused model")
     resolved = resolve_model(model)
+    out = check_destination(out, [("adapter", adapter), ("base model", resolved.path)], force=False)
     report = validate_adapter(adapter, resolved.path)
     if not report.ok:
         raise AdapterError(f"Cannot fuse:\n{report.summary()}", "fix the adapter or pick its base model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fusing-", dir=out.parent))
-    try:
+    if report.format not in ("mlx", "peft"):
+        raise AdapterError(f"Cannot fuse a {report.format} adapter", "fuse mlx-lm or PEFT adapters")
+
+    def build(staging: Path) -> int:
         source = adapter
+        converted = staging / ".converted-adapter"
         if report.format == "peft":
             from mlxman.adapters.convert import convert_adapter
 
-            source = staging / "converted-adapter"
-            convert_adapter(adapter, source, "mlx", model=resolved.path)
-        elif report.format != "mlx":
-            raise AdapterError(f"Cannot fuse a {report.format} adapter", "fuse mlx-lm or PEFT adapters")
-        fused = _fuse(resolved.path, source, staging / "model", dequantize)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging / "model", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            source = convert_adapter(adapter, converted, "mlx", model=resolved.path).destination
+        fused = _fuse(resolved.path, source, staging, dequantize)
+        shutil.rmtree(converted, ignore_errors=True)
+        return fused
+
+    fused = write_folder(out, build, prefix=STAGING_PREFIX)
     return FuseResult(
         resolved.id, adapter.resolve(), out.resolve(), fused, dequantize, report.format == "peft"
     )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ from pathlib import Path
 from mlxman.demo.text import ANIMALS, COLORS, NUMBERS
 from mlxman.errors import ModelError
 from mlxman.settings import user_dir
+from mlxman.staging import write_folder
 
 # Bump when anything here or in text.py / training.py changes what the kit contains: old kits are rebuilt.
 RECIPE_VERSION = 5
@@ -77,10 +76,8 @@ def ensure_demo_kit(
     if (root / "MANIFEST.json").is_file() and not force:
         return DemoKit(root)
     say = progress or (lambda _msg: None)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename at the end, so a crash never leaves a half-built kit.
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
-    try:
+
+    def build(staging: Path) -> None:
         started = time.perf_counter()
         _build(DemoKit(staging), say)
         _record_final_paths(DemoKit(staging), root)
@@ -89,11 +86,9 @@ def ensure_demo_kit(
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    # Build beside the target and rename at the end, so a crash never leaves a half-built kit.
+    write_folder(root, build, prefix=".building-", replace=True)
     _remove_old_kits(root)
     return DemoKit(root)
 
