@@ -243,12 +243,13 @@ def test_over_long_path_component(demo_kit: DemoKit, tmp_path: Path) -> None:
     from mlxman.pool import ModelPool
 
     long_model = str(tmp_path / LONG_NAME)
+    # A 4xx in the server (a malformed request), exit 1 in the CLI; the message names the limit.
     for spec in (long_model, f"{tmp_path}/{LONG_NAME}/model"):
-        with pytest.raises(NotFoundError, match="name too long"):
+        with pytest.raises(ModelError, match=r"name too long.*255"):
             resolve_model(spec)
-    with ModelPool(GIB) as pool, pytest.raises(NotFoundError, match="name too long"):
+    with ModelPool(GIB) as pool, pytest.raises(ModelError, match="name too long"):
         pool.load(long_model)
-    with ModelPool(GIB) as pool, pytest.raises(NotFoundError, match="name too long"):
+    with ModelPool(GIB) as pool, pytest.raises(AdapterError, match="name too long"):
         pool.load(str(demo_kit.model), str(tmp_path / LONG_NAME))
     proc = run_subprocess("generate", "--model", long_model, "--prompt", "hi")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "bug" not in proc.stderr
@@ -447,3 +448,19 @@ def test_image_paths(tmp_path: Path) -> None:
         check_images([str(tmp_path / "cat.png")])
     with pytest.raises(NotFoundError, match="name too long"):
         check_images([str(tmp_path / LONG_NAME)])
+
+
+@pytest.mark.parametrize("recorded", ["x" * 300, "/" + "x" * 300 + "/model", "/a\x00b", "LOOP"])
+def test_recorded_base_path_never_breaks_validation(demo_kit: DemoKit, tmp_path: Path, recorded: str) -> None:
+    """adapter_config.json's `model` is user data: a path Path.exists() or resolve() would raise on."""
+    from mlxman.adapters.validate import validate_adapter
+
+    adapter = adapter_copy(demo_kit, tmp_path / "adapter")
+    if recorded == "LOOP":
+        loop(tmp_path / "loop")
+        recorded = str(tmp_path / "loop")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["model"] = recorded
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    report = validate_adapter(adapter, demo_kit.model)
+    assert report.ok and any("records base" in f.message for f in report.findings)

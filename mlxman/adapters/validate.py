@@ -29,7 +29,7 @@ from mlxman.adapters.formats import (
     weights_file,
 )
 from mlxman.errors import MlxmanError
-from mlxman.files import path_problem
+from mlxman.files import exists, path_problem
 from mlxman.safetensors_header import HeaderError, TensorInfo, read_header
 
 __all__ = ["AdapterModule", "read_adapter_config", "validate_adapter"]
@@ -435,11 +435,11 @@ def _check_base_name(
     if recorded == given:
         return
     rec_path = Path(recorded).expanduser()
-    if rec_path.is_absolute() or rec_path.exists():
+    if rec_path.is_absolute() or exists(rec_path):
         try:
             if rec_path.resolve() == base.path.resolve():
                 return
-        except OSError:
+        except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop, a NUL: not this base
             pass
     names = {base.path.name, base.path.resolve().name, given.rstrip("/").rsplit("/", 1)[-1]}
     if recorded.rstrip("/").rsplit("/", 1)[-1] in names or recorded in (base.config.get("_name_or_path"),):

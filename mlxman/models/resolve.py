@@ -35,8 +35,8 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     problem = path_problem(local, want_dir=True)
     if problem is None:
         return _local_model(spec, local)
-    if "too long" in problem:
-        raise NotFoundError(f"Model path {spec} {problem}", "check the path")
+    if "too long" in problem:  # no such path can exist: a malformed name, not a missing model
+        raise ModelError(f"Model path {spec} {problem}", "check the path")
     if problem != "is missing":  # something is there, but not a folder: say what it is
         words = problem.replace("not a folder", "not a model directory")
         raise ModelError(f"Model path {spec} {words}", "pass the folder holding config.json")

@@ -30,9 +30,8 @@ def resolve_adapter_dir(spec: str) -> Path:
     """The absolute directory of an mlx-lm adapter, so ``./a`` and ``/abs/a`` name one entry."""
     given = Path(spec).expanduser()
     problem = path_problem(given, want_dir=True)
-    if problem == "is missing" or (problem and "too long" in problem):
-        words = "does not exist" if problem == "is missing" else problem
-        raise NotFoundError(f"Adapter path {spec} {words}", "check the path to the adapter directory")
+    if problem == "is missing":
+        raise NotFoundError(f"Adapter path {spec} does not exist", "check the path to the adapter directory")
     if problem:
         words = problem.replace("not a folder", "not an adapter directory")
         raise AdapterError(f"Adapter path {spec} {words}", "pass the folder holding the adapter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,10 @@ _TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".bpe", ".codes")
 _TEXT_SUFFIXES = (".txt", ".jinja", ".py", ".jsonl")
 # Bounded by its own header instead of a size: the loader reads exactly the byte ranges the header declares.
 SAFETENSORS = 0
-# sentence-transformers keep module configs a folder down (1_Pooling/config.json); mlx-embeddings globs **.
-_MAX_DEPTH = 3
-# A real model folder holds tens of files; past this many, the rest are not a model's and are not walked.
+# sentence-transformers keep module configs a folder down (1_Pooling/config.json), and mlx-embeddings globs
+# **/model*.safetensors: walk subfolders too, as deep as any real layout and then some.
+_MAX_DEPTH = 8
+# A real model folder holds tens of files; past this many entries, the rest are not a model's.
 _MAX_ENTRIES = 10_000
 
 
@@ -80,20 +82,23 @@ def _loader_files(root: Path) -> list[tuple[str, Path, int]]:
     """(name relative to ``root``, path, limit) of every entry a loader could open, subfolders included."""
     found: list[tuple[str, Path, int]] = []
     seen: set[tuple[int, int]] = set()
+    budget = _MAX_ENTRIES
     pending = [(root, "", 0)]
-    while pending:
+    while pending and budget > 0:
         folder, prefix, depth = pending.pop()
         try:
             st = os.stat(folder)
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            if (st.st_dev, st.st_ino) in seen:
+                continue  # a symlink back up the tree
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(itertools.islice(it, budget), key=lambda e: e.name)
         except OSError:
             continue  # an unreadable subfolder: no loader can read it either
-        if (st.st_dev, st.st_ino) in seen:
-            continue  # a symlink back up the tree
-        seen.add((st.st_dev, st.st_ino))
-        for entry in entries[:_MAX_ENTRIES]:
+        budget -= len(entries)
+        for entry in entries:
             if entry.name.startswith("."):
-                continue  # download caches and locks, never model files
+                continue  # download caches and locks, never model files (glob skips them too)
             limit = _limit_for(entry.name)
             if limit is not None:
                 found.append((prefix + entry.name, Path(entry.path), limit))
