@@ -289,7 +289,7 @@ def test_config_wording_in_resolve(tmp_path: Path) -> None:
 
 def test_safetensors_bounded_by_its_header(demo_kit: DemoKit, tmp_path: Path) -> None:
     """Bytes past what the header declares are no safetensors file (the format forbids them)."""
-    from mlxman.pool import loaders
+    from mlxman.models.preflight import check_loader_files
 
     model = model_copy(demo_kit, tmp_path / "model")
     size = (model / "model.safetensors").stat().st_size
@@ -297,34 +297,34 @@ def test_safetensors_bounded_by_its_header(demo_kit: DemoKit, tmp_path: Path) ->
     with pytest.raises(
         ModelError, match=re.escape("model.safetensors has 4,294,967,296 bytes after its last tensor")
     ):
-        loaders.check_model_files(model)
+        check_loader_files(model)
 
 
 def test_preflight_walks_subfolders_and_ignores_what_no_loader_opens(
     demo_kit: DemoKit, tmp_path: Path
 ) -> None:
-    from mlxman.pool import loaders
+    from mlxman.models.preflight import check_loader_files
 
     model = tmp_path / "emb"
     shutil.copytree(demo_kit.embeddings_model, model)
     os.mkfifo(model / "README.md")  # no loader opens it
     (model / ".cache").mkdir()
     os.mkfifo(model / ".cache" / "lock")
-    loaders.check_model_files(model)
+    check_loader_files(model)
     replace(model / "1_Pooling" / "config.json", fifo)
     with pytest.raises(ModelError, match=re.escape("1_Pooling/config.json is a FIFO")):
-        loaders.check_model_files(model)
+        check_loader_files(model)
 
 
 def test_preflight_of_an_adapter_baked_into_a_load(demo_kit: DemoKit, tmp_path: Path) -> None:
-    from mlxman.pool import loaders
+    from mlxman.models.preflight import check_loader_files
 
     adapter = tmp_path / "adapter"
     shutil.copytree(demo_kit.adapters["colors"], adapter)
-    loaders.check_model_files(demo_kit.model, adapter)
+    check_loader_files(demo_kit.model, adapter)
     replace(adapter / "adapters.safetensors", dev_zero)
     with pytest.raises(AdapterError, match=re.escape("adapters.safetensors is a device")):
-        loaders.check_model_files(demo_kit.model, adapter)
+        check_loader_files(demo_kit.model, adapter)
 
 
 # -- adapters: wording for special files (item 17)
@@ -464,3 +464,21 @@ def test_recorded_base_path_never_breaks_validation(demo_kit: DemoKit, tmp_path:
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     report = validate_adapter(adapter, demo_kit.model)
     assert report.ok and any("records base" in f.message for f in report.findings)
+
+
+def test_fuse_and_deep_validation_check_files_before_mlx_lm(demo_kit: DemoKit, tmp_path: Path) -> None:
+    """`adapter fuse` and `validate --deep` hand the base folder to mlx-lm, which opens its files itself."""
+    from mlxman.adapters.deep import deep_check
+    from mlxman.adapters.fuse import fuse_adapter
+    from mlxman.adapters.validate import validate_adapter
+
+    model = model_copy(demo_kit, tmp_path / "model")
+    replace(model / "tokenizer.json", fifo)
+    error = finishes(lambda: fuse_adapter(str(model), demo_kit.adapters["colors"], tmp_path / "fused"))
+    assert isinstance(error, ModelError) and "tokenizer.json is a FIFO" in str(error)
+    assert not (tmp_path / "fused").exists()
+    replace(model / "tokenizer.json", lambda p: shutil.copy(demo_kit.model / "tokenizer.json", p))
+    (model / "generation_config.json").symlink_to("/dev/zero")
+    report = validate_adapter(demo_kit.adapters["colors"], model)
+    text = finishes_value(lambda: deep_check(report, model).summary())
+    assert "generation_config.json is a device" in text

@@ -45,9 +45,17 @@ def _apply_with_mlx_lm(report: ValidationReport, model_dir: Path) -> None:
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
 
+    from mlxman.errors import AdapterError, MlxmanError
+    from mlxman.models.preflight import check_loader_files
     from mlxman.models.resolve import resolve_model
 
     path = resolve_model(str(model_dir)).path
+    try:
+        # mlx-lm opens the folder's files itself: a FIFO there would block it forever.
+        check_loader_files(path, report.adapter_dir)
+    except MlxmanError as exc:
+        report.error("adapter" if isinstance(exc, AdapterError) else "model", exc.message, exc.hint or "")
+        return
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             model, _ = load_model(path, lazy=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from mlxman.adapters.validate import validate_adapter
 from mlxman.errors import AdapterError
+from mlxman.models.preflight import check_loader_files
 from mlxman.models.resolve import resolve_model
 from mlxman.staging import check_destination, write_folder
 
@@ -59,6 +60,7 @@ def _fuse(model_path: Path, adapter: Path, out: Path, dequantize: bool) -> int:
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, load, save
 
+    check_loader_files(model_path, adapter)  # mlx-lm opens every file itself: no FIFO, device or huge file
     loaded: Any = load(str(model_path), adapter_path=str(adapter), return_config=True)
     model, tokenizer, config = loaded
     fused = [
