@@ -188,3 +188,59 @@ def test_full_fine_tune_loads_as_its_own_model(demo_kit: DemoKit, tmp_path: Path
         (f"{demo_kit.model.resolve()}::{full.resolve()}", None)
     ]
     pool.close()
+
+
+@pytest.fixture(scope="module")
+def trained(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """More real adapters, trained with mlx-lm on the kit's data: another DoRA (another rank and scale),
+    a LoRA with another scale than the kit's 2.0, and a DoRA on other keys."""
+    from mlxman.demo.training import train_adapter
+    from tests.adapter_corpus import MLX_SHAPES, write_mlx_shape
+
+    root = tmp_path_factory.mktemp("trained")
+    data = demo_kit.root / "data"
+    return {
+        "dora-r4-s5": train_adapter(demo_kit.model, data / "numbers", root / "dora-r4-s5",
+                                    fine_tune_type="dora", rank=4, scale=5.0, iters=30, warmup=5),
+        "lora-s8": train_adapter(demo_kit.model, data / "numbers", root / "lora-s8", scale=8.0, iters=30,
+                                 warmup=5),
+        "dora-qv": write_mlx_shape(next(s for s in MLX_SHAPES if s.name == "mlx_lm_dora_query_value"),
+                                   demo_kit.model, root / "dora-qv"),
+    }  # fmt: skip
+
+
+def _swap_through(kit: DemoKit, paths: dict[str, Path | None], sequence: list[str]) -> list[str]:
+    """Acquire each adapter in turn on one resident base; every step's logits equal a fresh mlx-lm load."""
+    expected = {name: fresh_logits(kit, paths[name]) for name in set(sequence)}
+    pool = ModelPool(GIB)
+    modes = []
+    try:
+        for name in sequence:
+            adapter = paths[name]
+            with pool.acquire(str(kit.model), str(adapter) if adapter else None) as lease:
+                modes.append(lease.swap_mode)
+                got = logits(lease.model)
+                assert mx.array_equal(got, expected[name]).item(), f"logits differ for {name} ({modes[-1]})"
+    finally:
+        pool.close()
+    return modes
+
+
+def test_dora_to_dora_swaps_equal_fresh_loads(demo_kit: DemoKit, trained: dict[str, Path]) -> None:
+    paths: dict[str, Path | None] = {"animals": demo_kit.adapters["animals"], **trained, "none": None}
+    sequence = ["animals", "dora-r4-s5", "animals", "dora-qv", "dora-r4-s5", "none", "dora-qv", "animals"]
+    modes = _swap_through(demo_kit, paths, sequence)
+    # Same modules, another rank and scale: the weights move into the wrappers; other keys re-wrap.
+    assert modes == ["structural", "weights", "weights", "structural", "structural", "strip", "structural",
+                     "structural"]  # fmt: skip
+
+
+def test_weights_only_swap_sets_each_adapters_scale(demo_kit: DemoKit, trained: dict[str, Path]) -> None:
+    scales = {
+        name: json.loads((path / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+        for name, path in {**demo_kit.adapters, **trained}.items()
+    }
+    assert scales["colors"] == scales["numbers"] == 2.0 and scales["lora-s8"] == 8.0
+    paths: dict[str, Path | None] = {**demo_kit.adapters, **trained}
+    modes = _swap_through(demo_kit, paths, ["colors", "lora-s8", "numbers", "lora-s8", "colors"])
+    assert modes == ["structural", "weights", "weights", "weights", "weights"]
