@@ -105,6 +105,28 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return _parse(path, file_size, raw)
 
 
+def load_tensors(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every tensor of a safetensors file, evaluated, read through a descriptor opened without blocking and
+    checked to be a regular file: a file swapped for a FIFO or a device after validation is refused, not
+    waited on or read without end. HeaderError (a ValueError) when it cannot be read."""
+    import mlx.core as mx
+
+    path = Path(path)
+    try:
+        f, _ = open_regular(path)
+    except FileProblem as exc:
+        raise HeaderError(str(exc)) from None
+    with f:
+        try:
+            weights = mx.load(f, format="safetensors")
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise HeaderError(f"{path.name} cannot be loaded: {exc}") from None
+        if not isinstance(weights, dict):
+            raise HeaderError(f"{path.name} holds no named tensors")
+        mx.eval(list(weights.values()))  # while the file is still open
+    return weights
+
+
 def _parse(path: Path, file_size: int, raw: bytes) -> SafetensorsHeader:
     try:
         doc: Any = json.loads(raw.decode("utf-8"))

@@ -482,3 +482,17 @@ def test_fuse_and_deep_validation_check_files_before_mlx_lm(demo_kit: DemoKit, t
     report = validate_adapter(demo_kit.adapters["colors"], model)
     text = finishes_value(lambda: deep_check(report, model).summary())
     assert "generation_config.json is a device" in text
+
+
+def test_tensors_are_loaded_through_a_checked_descriptor(
+    demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlxman's own mx.load calls (adapter swap, convert, --deep) read a descriptor checked to be regular."""
+    from mlxman.safetensors_header import HeaderError, load_tensors
+
+    weights = load_tensors(demo_kit.adapters["colors"] / "adapters.safetensors")
+    assert weights and all(v.size for v in weights.values())
+    os.mkfifo(tmp_path / "adapters.safetensors")
+    monkeypatch.setattr(files, "check_regular_file", lambda path: None)  # the file was swapped after a check
+    error = finishes(lambda: load_tensors(tmp_path / "adapters.safetensors"))
+    assert isinstance(error, HeaderError) and "FIFO" in str(error)

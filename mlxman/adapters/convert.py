@@ -14,6 +14,7 @@ from mlxman.adapters.findings import ValidationReport
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS, PEFT_PREFIX, PEFT_WEIGHTS
 from mlxman.adapters.validate import validate_adapter
 from mlxman.errors import AdapterError, UsageError
+from mlxman.safetensors_header import HeaderError, load_tensors
 from mlxman.staging import check_destination, write_folder
 
 if TYPE_CHECKING:
@@ -69,11 +70,10 @@ def _write(dst: Path, force: bool, build: Any) -> ConversionResult:
 
 
 def _load(path: Path) -> dict[str, mx.array]:
-    import mlx.core as mx
-
-    weights = mx.load(str(path))
-    assert isinstance(weights, dict)
-    return weights
+    try:
+        return load_tensors(path)  # a descriptor checked to be a regular file: no FIFO swapped in
+    except HeaderError as exc:
+        raise AdapterError(f"Cannot convert {path.parent}: {exc}", "re-save or re-download it") from None
 
 
 def _peft_to_mlx(

@@ -19,14 +19,15 @@ def deep_check(report: ValidationReport, model_dir: Path | None) -> ValidationRe
 
     import mlx.core as mx
 
+    from mlxman.safetensors_header import load_tensors
+
     adapter = report.adapter_dir
     wfile = weights_file(report.format, set(os.listdir(adapter)))
     try:
-        weights = mx.load(str(adapter / wfile))
-    except Exception as exc:  # mlx raises plain RuntimeError/ValueError on unreadable data
-        report.error(wfile, f"cannot be loaded: {exc}", "re-save or re-download it")
+        weights = load_tensors(adapter / wfile)
+    except ValueError as exc:
+        report.error(wfile, str(exc).removeprefix(f"{wfile} "), "re-save or re-download it")
         return report
-    assert isinstance(weights, dict)
     for name, value in sorted(weights.items()):
         if not bool(mx.isfinite(value.astype(mx.float32)).all()):
             bad = int((~mx.isfinite(value.astype(mx.float32))).sum())

@@ -15,6 +15,7 @@ from mlxman.adapters.config import read_adapter_config
 from mlxman.adapters.formats import detect_format
 from mlxman.errors import AdapterError
 from mlxman.pool.keys import ADAPTER_WEIGHTS
+from mlxman.safetensors_header import load_tensors
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 SWAPPABLE_TYPES = ("lora", "dora")
@@ -73,12 +74,9 @@ def read_adapter(path: Path) -> AdapterWeights:
     config = read_adapter_config(path)
     file = path / ADAPTER_WEIGHTS
     try:
-        weights = mx.load(str(file))
-    except (OSError, RuntimeError, ValueError) as exc:
+        weights = load_tensors(file)
+    except ValueError as exc:
         raise AdapterError(f"Cannot load {file}: {exc}", "retrain or re-download the adapter") from None
-    if not isinstance(weights, dict):
-        raise AdapterError(f"{file} holds no named tensors", "retrain or re-download the adapter")
-    mx.eval(list(weights.values()))
     return AdapterWeights(path=path, config=config, weights=weights)
 
 
