@@ -117,8 +117,12 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileProblem as exc:
         raise HeaderError(str(exc)) from None
     with f:
+        # mx.load reads a path natively, ~2x faster than through a Python file; /dev/fd/N names the checked
+        # descriptor's own file (the same inode), so nothing swapped in at the path is opened.
+        fd_path = f"/dev/fd/{f.fileno()}"
+        source: Any = fd_path if os.path.exists(fd_path) else f
         try:
-            weights = mx.load(f, format="safetensors")
+            weights = mx.load(source, format="safetensors")
         except (OSError, RuntimeError, ValueError) as exc:
             raise HeaderError(f"{path.name} cannot be loaded: {exc}") from None
         if not isinstance(weights, dict):
