@@ -1,6 +1,6 @@
 """The ``peft`` library itself loads what ``adapter convert --to peft`` writes, and computes mlx-lm's logits.
 
-peft needs torch, which is not part of the dev install (see docs/adapters.md): these tests skip without it.
+peft needs torch, which the `dev` extra leaves out (see docs/adapters.md): these tests skip without it.
 """
 
 from __future__ import annotations
