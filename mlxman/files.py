@@ -44,10 +44,18 @@ class FileProblem(Exception):
         self.problem = problem
 
 
+def _short(part: str) -> str:
+    return part if len(part) <= 60 else f"{part[:28]}...{part[-28:]} ({len(part)} characters)"
+
+
 def shown_name(path: Path) -> str:
     """The path's last part, shortened in the middle when it is too long to read in a message."""
-    name = path.name or str(path)
-    return name if len(name) <= 60 else f"{name[:28]}...{name[-28:]} ({len(name)} characters)"
+    return _short(path.name or str(path))
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path for a message, each over-long part shortened in the middle."""
+    return "/".join(_short(part) for part in os.fspath(path).split("/"))
 
 
 def _too_long(path: Path) -> str:

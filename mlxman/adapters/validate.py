@@ -29,7 +29,7 @@ from mlxman.adapters.formats import (
     weights_file,
 )
 from mlxman.errors import MlxmanError
-from mlxman.files import exists, path_problem
+from mlxman.files import exists, path_problem, shown_path
 from mlxman.safetensors_header import HeaderError, TensorInfo, read_header
 
 __all__ = ["AdapterModule", "read_adapter_config", "validate_adapter"]
@@ -107,7 +107,7 @@ def _validate(report: ValidationReport, adapter_dir: Path, model_dir: Path | Non
         if problem is not None:
             what = "does not exist" if problem == "is missing" else problem
             what = what.replace("is a file, not a folder", "is a file, not an adapter directory")
-            report.error(str(adapter_dir), what, "pass the folder holding adapter_config.json")
+            report.error(shown_path(adapter_dir), what, "pass the folder holding adapter_config.json")
             return
         files = set(os.listdir(adapter_dir))
     except OSError as exc:

@@ -12,7 +12,7 @@ from mlxman.adapters.findings import ValidationReport
 from mlxman.adapters.formats import FORMAT_NAMES
 from mlxman.cli.options import JsonOption
 from mlxman.errors import UsageError
-from mlxman.files import path_problem
+from mlxman.files import path_problem, shown_path
 from mlxman.memory import format_bytes
 from mlxman.output import out
 
@@ -30,7 +30,7 @@ def _existing(path: Path) -> Path:
     problem = path_problem(path, want_dir=True)
     if problem == "is missing" or (problem and "too long" in problem):
         raise UsageError(
-            f"{path} {'does not exist' if problem == 'is missing' else problem}",
+            f"{shown_path(path)} {'does not exist' if problem == 'is missing' else problem}",
             "pass the folder of an adapter",
         )
     return path

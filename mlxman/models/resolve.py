@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import ModelError, NotFoundError
-from mlxman.files import CONFIG_MAX_BYTES, FileProblem, exists, path_problem, read_json_object
+from mlxman.files import CONFIG_MAX_BYTES, FileProblem, exists, path_problem, read_json_object, shown_path
 
 CONFIG_FILE = "config.json"
 
@@ -36,7 +36,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     if problem is None:
         return _local_model(spec, local)
     if "too long" in problem:  # no such path can exist: a malformed name, not a missing model
-        raise ModelError(f"Model path {spec} {problem}", "check the path")
+        raise ModelError(f"Model path {shown_path(spec)} {problem}", "check the path")
     if problem != "is missing":  # something is there, but not a folder: say what it is
         words = problem.replace("not a folder", "not a model directory")
         raise ModelError(f"Model path {spec} {words}", "pass the folder holding config.json")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS
 from mlxman.errors import AdapterError, NotFoundError
-from mlxman.files import path_problem
+from mlxman.files import path_problem, shown_path
 from mlxman.models.resolve import ResolvedModel, resolve_model
 
 SEPARATOR = "::"
@@ -34,7 +34,7 @@ def resolve_adapter_dir(spec: str) -> Path:
         raise NotFoundError(f"Adapter path {spec} does not exist", "check the path to the adapter directory")
     if problem:
         words = problem.replace("not a folder", "not an adapter directory")
-        raise AdapterError(f"Adapter path {spec} {words}", "pass the folder holding the adapter")
+        raise AdapterError(f"Adapter path {shown_path(spec)} {words}", "pass the folder holding the adapter")
     path = given.resolve()
     config = path_problem(path / ADAPTER_CONFIG)
     if config == "is missing":
