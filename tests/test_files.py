@@ -257,37 +257,6 @@ def test_over_long_path_component(demo_kit: DemoKit, tmp_path: Path) -> None:
     assert "name too long" in proc.stderr
 
 
-@pytest.mark.parametrize(
-    ("make", "words"),
-    [
-        (fifo, "is a FIFO (named pipe), not a model directory"),
-        (loop, "is a symlink loop"),
-        (lambda p: p.symlink_to("nowhere"), "is a dangling symlink"),
-        (lambda p: p.write_text("{}"), "is a file, not a model directory"),
-    ],
-)
-def test_model_path_wording(tmp_path: Path, make: Callable[[Path], None], words: str) -> None:
-    from mlxman.models.resolve import resolve_model
-
-    make(tmp_path / "model")
-    with pytest.raises(MlxmanError, match=re.escape(words)):
-        resolve_model(str(tmp_path / "model"))
-
-
-def test_config_wording_in_resolve(tmp_path: Path) -> None:
-    from mlxman.models.resolve import read_config, resolve_model
-
-    model = tmp_path / "model"
-    model.mkdir()
-    with pytest.raises(ModelError, match=re.escape("has no config.json")):
-        resolve_model(str(model))
-    os.mkfifo(model / "config.json")
-    error = finishes(lambda: resolve_model(str(model)))
-    assert isinstance(error, ModelError) and "config.json is a FIFO" in str(error)
-    error = finishes(lambda: read_config(model))
-    assert isinstance(error, ModelError) and "config.json is a FIFO" in str(error)
-
-
 def test_safetensors_bounded_by_its_header(demo_kit: DemoKit, tmp_path: Path) -> None:
     """Bytes past what the header declares are no safetensors file (the format forbids them)."""
     from mlxman.models.preflight import check_loader_files

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from mlxman.errors import ModelError, NotFoundError
-from mlxman.models.resolve import resolve_model
+from mlxman.errors import MlxmanError, ModelError, NotFoundError
+from mlxman.models.resolve import read_config, resolve_model
+
+LONG_NAME = "n" * 300
 
 
 def fake_hub_cache(root: Path, repo: str, revision: str) -> Path:
@@ -57,3 +63,85 @@ def test_errors(spec: str, error: type[Exception], needle: str) -> None:
 def test_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"config\.json"):
         resolve_model(str(tmp_path))
+
+
+def fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def loop(path: Path) -> None:
+    path.symlink_to(path.name + ".other")
+    path.with_name(path.name + ".other").symlink_to(path.name)
+
+
+def finishes(call: Callable[[], object]) -> BaseException | None:
+    """What ``call`` raised (None if nothing); fails when it never returns (a FIFO opened blocking)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "blocked"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (fifo, "is a FIFO (named pipe), not a model directory"),
+        (loop, "is a symlink loop"),
+        (lambda p: p.symlink_to("nowhere"), "is a dangling symlink"),
+        (lambda p: p.write_text("{}"), "is a file, not a model directory"),
+    ],
+)
+def test_model_path_wording(tmp_path: Path, make: Callable[[Path], None], words: str) -> None:
+    make(tmp_path / "model")
+    with pytest.raises(MlxmanError, match=re.escape(words)):
+        resolve_model(str(tmp_path / "model"))
+
+
+def test_config_wording_in_resolve(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(ModelError, match=re.escape("has no config.json")):
+        resolve_model(str(model))
+    os.mkfifo(model / "config.json")
+    error = finishes(lambda: resolve_model(str(model)))
+    assert isinstance(error, ModelError) and "config.json is a FIFO" in str(error)
+    error = finishes(lambda: read_config(model))
+    assert isinstance(error, ModelError) and "config.json is a FIFO" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "config.json is nested too deeply"),
+        (b"\xff{}", "config.json is not UTF-8"),
+        (b"[]", "config.json holds a JSON list, not an object"),
+        (b"", "config.json is empty"),
+    ],
+)
+def test_config_content(tmp_path: Path, content: bytes, words: str) -> None:
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ModelError, match=re.escape(words)):
+        read_config(tmp_path)
+
+
+def test_sparse_config_is_refused_unread(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_bytes(b"{")
+    os.truncate(tmp_path / "config.json", 4 * 1024**3)
+    with pytest.raises(ModelError, match=re.escape("config.json is 4,294,967,296 bytes, over the")):
+        read_config(tmp_path)
+
+
+def test_path_component_over_255_bytes(tmp_path: Path) -> None:
+    for spec in (str(tmp_path / LONG_NAME), f"{tmp_path}/{LONG_NAME}/model", LONG_NAME + "/x"):
+        with pytest.raises(ModelError, match=r"name too long.*255"):
+            resolve_model(spec)
