@@ -13,33 +13,10 @@ import pytest
 from mlxman.demo import DemoKit
 from mlxman.engine.slots import SlotBank, SlotLinear, gather_dtype
 from mlxman.pool.swap import read_adapter
+from tests.engine_kit import small_variant
 
 # Float32 on CPU: the batch computes the same matmuls as the serial models; allow only rounding noise.
 TOLERANCE = 1e-5
-
-
-def small_variant(source: Path, out: Path, *, rank: int, scale: float) -> Path:
-    """A third LoRA adapter unlike the kit's: lower rank, q/v projections only, and only in layer 0."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((source / "adapter_config.json").read_text())
-    config["lora_parameters"] = {
-        **config["lora_parameters"],
-        "rank": rank,
-        "scale": scale,
-        "keys": ["self_attn.q_proj", "self_attn.v_proj"],
-    }
-    config["adapter_path"] = str(out)
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    weights = mx.load(str(source / "adapters.safetensors"))
-    assert isinstance(weights, dict)
-    kept = {}
-    for name, w in weights.items():
-        if not name.startswith(("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")):
-            continue
-        # Reversed and truncated, so it is not the source adapter at a lower rank.
-        kept[name] = w[:, ::-1][:, :rank] if name.endswith("lora_a") else w[::-1][:rank]
-    mx.save_safetensors(str(out / "adapters.safetensors"), kept)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,8 @@ class SlotBank:
         weight_dtype = mx.float32 if first is None else _activation_dtype(first)
         self.dtype = gather_dtype(weight_dtype)
         self._scales = mx.zeros((self.size,), self.dtype)
+        # Evaluated here: MLX streams are per thread, and the engine thread must not run this thread's graph.
+        mx.eval(self._scales)
         self._targets: dict[str, SlotLinear] = {}
         self._stacks: dict[str, _Stack] = {}
         self._adapters: list[AdapterWeights | None] = [None] * self.size
