@@ -199,7 +199,7 @@ def json_depth(doc: Any) -> int:
         deepest = max(deepest, depth)
         if deepest > MAX_JSON_DEPTH:
             break
-        stack.extend((child, depth + 1) for child in children)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
 
 

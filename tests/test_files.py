@@ -466,3 +466,22 @@ def test_tensors_are_loaded_through_a_checked_descriptor(
     monkeypatch.setattr(files, "check_regular_file", lambda path: None)  # the file was swapped after a check
     error = finishes(lambda: load_tensors(tmp_path / "adapters.safetensors"))
     assert isinstance(error, HeaderError) and "FIFO" in str(error)
+
+
+@pytest.mark.parametrize("depth", [500, 100_000])
+def test_deep_tokenizer_is_a_clear_model_error(demo_kit: DemoKit, tmp_path: Path, depth: int) -> None:
+    """Past json's recursion limit, or only past the tokenizers library's (128): a ModelError, never a bug."""
+    from mlxman.pool import ModelPool
+
+    model = model_copy(demo_kit, tmp_path / "model")
+    text = (model / "tokenizer.json").read_text().rstrip()
+    (model / "tokenizer.json").write_text(text[:-1] + ', "deep": ' + nested_json(depth) + "}")
+    # Bigger than the preflight parses, as real tokenizer.json files are: the loader meets it.
+    with open(model / "tokenizer.json", "a") as f:
+        f.write(" " * (1024 * 1024))
+    with ModelPool(GIB) as pool:
+        error = finishes(lambda: pool.load(str(model)))
+        assert isinstance(error, ModelError) and str(model) in str(error), repr(error)
+    proc = run_subprocess("generate", "--model", str(model), "--prompt", "hi")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "bug" not in proc.stderr
+    assert proc.stderr.startswith("Error: Cannot load text model")

@@ -28,6 +28,8 @@ SAFETENSORS = 0
 # sentence-transformers keep module configs a folder down (1_Pooling/config.json), and mlx-embeddings globs
 # **/model*.safetensors: walk subfolders too, as deep as any real layout and then some.
 _MAX_DEPTH = 8
+# JSON this small parses in milliseconds; large ones (tokenizers) take ~0.1 s per MB with the depth check.
+_PARSE_MAX_BYTES = 1024 * 1024
 # A real model folder holds tens of files; past this many entries, the rest are not a model's.
 _MAX_ENTRIES = 10_000
 
@@ -37,12 +39,13 @@ def _limit_for(name: str) -> int | None:
     lower = name.lower()
     if lower.endswith(".safetensors"):
         return SAFETENSORS
-    if lower.startswith(_TOKENIZER_PREFIXES) or lower.endswith(_TOKENIZER_SUFFIXES):
-        return files.TOKENIZER_MAX_BYTES
     if lower.endswith(".index.json"):
         return files.INDEX_MAX_BYTES
-    if lower.endswith(".json"):
+    if lower.endswith(".json") and "config" in lower:
         return files.CONFIG_MAX_BYTES
+    # Other JSON: tokenizer.json, vocab.json, Mistral's tekken.json (~15 MB).
+    if lower.startswith(_TOKENIZER_PREFIXES) or lower.endswith((*_TOKENIZER_SUFFIXES, ".json")):
+        return files.TOKENIZER_MAX_BYTES
     if lower.endswith(_TEXT_SUFFIXES):
         return files.TEXT_MAX_BYTES
     return None
@@ -59,9 +62,9 @@ def _file_problem(path: Path, limit: int) -> str | None:
                 return f"has {extra:,} bytes after its last tensor (the format allows none)"
         elif st.st_size > limit:
             return f"is {st.st_size:,} bytes, over the {limit:,}-byte limit for a file of its kind"
-        elif path.suffix == ".json" and path.name != "tokenizer.json":
-            # Loaders parse configs with Python's json and walk them recursively: check depth and encoding.
-            # (tokenizer.json, the one large JSON file, is parsed by the tokenizers library, depth-limited.)
+        elif path.suffix == ".json" and st.st_size <= _PARSE_MAX_BYTES:
+            # Loaders parse JSON with Python's json and walk configs recursively: name a deep or non-UTF-8
+            # file here. (A deep large tokenizer.json still fails in the loader, as a clear ModelError.)
             files.read_json(path, limit)
     except files.FileProblem as exc:
         return exc.problem

@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from mlxman import files
-from mlxman.errors import AdapterError, ModelError
+from mlxman.errors import AdapterError, MlxmanError, ModelError
 from mlxman.models.preflight import check_loader_files
 from mlxman.pool.kinds import EMBEDDINGS, TEXT, VISION, check_adapter_allowed
-
-_LOAD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError, OSError, RuntimeError)
 
 
 @dataclass(eq=False)
@@ -44,13 +42,18 @@ def load_model(path: Path, kind: str, adapter_path: Path | None = None) -> Loade
             model, tokenizer = _load_embeddings(path)
         else:
             raise ModelError(f"Unknown model kind {kind!r}", "use text, vision or embeddings")
-    except ModelError:
+    except MlxmanError:
         raise
-    except _LOAD_ERRORS as exc:
+    except Exception as exc:
+        # The loaders raise whatever their parsers do (the tokenizers library a bare Exception for a
+        # tokenizer.json nested past its limit); each is about the files they were handed.
         what = f"{path} with adapter {adapter_path}" if adapter_path else str(path)
         err = AdapterError if adapter_path is not None and "adapter" in str(exc).lower() else ModelError
+        why = (
+            "a JSON file is nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}"
+        )
         raise err(
-            f"Cannot load {kind} model {what}: {type(exc).__name__}: {exc}",
+            f"Cannot load {kind} model {what}: {why}: {exc}",
             "check the model (and adapter) files, or pass --kind if the kind was guessed wrong",
         ) from None
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind)
