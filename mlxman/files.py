@@ -20,7 +20,7 @@ ADAPTER_CONFIG_MAX_BYTES = 1 * MiB
 TOKENIZER_MAX_BYTES = 128 * MiB
 # model.safetensors.index.json: ~100 bytes per tensor, ~10 MB for the largest MoE checkpoints.
 INDEX_MAX_BYTES = 64 * MiB
-# Other text a loader may read (chat templates, custom code, README-like notes): KBs.
+# Chat templates (chat_template.jinja): KBs.
 TEXT_MAX_BYTES = 16 * MiB
 # mlxman's own config.toml: a dozen keys.
 SETTINGS_MAX_BYTES = 1 * MiB

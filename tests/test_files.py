@@ -277,7 +277,13 @@ def test_preflight_walks_subfolders_and_ignores_what_no_loader_opens(
 
     model = tmp_path / "emb"
     shutil.copytree(demo_kit.embeddings_model, model)
-    os.mkfifo(model / "README.md")  # no loader opens it
+    os.mkfifo(model / "README.md")  # no loader opens these
+    (model / "train.jsonl").touch()
+    os.truncate(model / "train.jsonl", 4 * GIB)
+    (model / "chat_template.jinja").symlink_to("/dev/zero")  # transformers opens this one
+    with pytest.raises(ModelError, match=re.escape("chat_template.jinja is a device")):
+        check_loader_files(model)
+    (model / "chat_template.jinja").unlink()
     (model / ".cache").mkdir()
     os.mkfifo(model / ".cache" / "lock")
     check_loader_files(model)

@@ -22,7 +22,9 @@ _TOKENIZER_PREFIXES = (
     "added_tokens",
 )
 _TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".bpe", ".codes")
-_TEXT_SUFFIXES = (".txt", ".jinja", ".py", ".jsonl")
+# Chat templates; not *.txt, *.jsonl or *.py (no loader opens a README, data or, without trust_remote_code,
+# code), so a large dataset kept beside a model never refuses it.
+_TEXT_SUFFIXES = (".jinja",)
 # Bounded by its own header instead of a size: the loader reads exactly the byte ranges the header declares.
 SAFETENSORS = 0
 # sentence-transformers keep module configs a folder down (1_Pooling/config.json), and mlx-embeddings globs
