@@ -31,6 +31,10 @@ MAX_JSON_DEPTH = 64
 # Linux and macOS limit one path component to 255 bytes.
 NAME_MAX = 255
 
+# What path_problem says when nothing is at the path, and the start of what it says for a name too long.
+MISSING = "is missing"
+TOO_LONG = "has a name too long"
+
 # Opening with O_NONBLOCK returns at once even on a FIFO with no writer; fstat then tells what was opened.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
@@ -59,11 +63,15 @@ def shown_path(path: str | os.PathLike[str]) -> str:
 
 
 def _too_long(path: Path) -> str:
-    sizes = [len(os.fsencode(p)) for p in path.parts]
-    longest = max(sizes, default=0)
+    longest = max((len(os.fsencode(p)) for p in path.parts), default=0)
     if longest > NAME_MAX:
-        return f"has a name too long: one part of its path is {longest} bytes, over the {NAME_MAX}-byte limit"
-    return "has a path too long for the file system"
+        return f"{TOO_LONG}: one part of its path is {longest} bytes, over the {NAME_MAX}-byte limit"
+    return f"{TOO_LONG} for the file system"
+
+
+def too_long(problem: str | None) -> bool:
+    """Whether ``path_problem`` found a name no file system holds: a malformed request, not a missing file."""
+    return problem is not None and problem.startswith(TOO_LONG)
 
 
 def _mode_problem(mode: int, want_dir: bool) -> str | None:
@@ -93,7 +101,7 @@ def _error_problem(path: Path, exc: OSError) -> str:
             dangling = os.path.islink(path)
         except (OSError, ValueError):
             dangling = False
-        return "is a dangling symlink" if dangling else "is missing"
+        return "is a dangling symlink" if dangling else MISSING
     if exc.errno in (errno.EACCES, errno.EPERM):
         return "cannot be read: permission denied"
     return f"cannot be read: {exc.strerror or exc}"
@@ -110,11 +118,6 @@ def path_problem(path: Path, want_dir: bool = False) -> str | None:
     return _mode_problem(st.st_mode, want_dir)
 
 
-def is_missing(problem: str | None) -> bool:
-    """True when ``path_problem`` found nothing at all at the path (not even a broken link)."""
-    return problem == "is missing"
-
-
 def check_regular_file(path: Path) -> os.stat_result:
     """Stat ``path`` (after symlinks) and insist on a regular file; FileProblem says what it is instead."""
     try:
@@ -127,13 +130,6 @@ def check_regular_file(path: Path) -> os.stat_result:
     if problem:
         raise FileProblem(shown_name(path), problem)
     return st
-
-
-def check_directory(path: Path) -> None:
-    """Insist on a folder (after symlinks); FileProblem names what is there instead."""
-    problem = path_problem(path, want_dir=True)
-    if problem:
-        raise FileProblem(shown_name(path), problem)
 
 
 def exists(path: Path) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import ConfigError
-from mlxman.files import SETTINGS_MAX_BYTES, FileProblem, path_problem, read_bounded
+from mlxman.files import MISSING, SETTINGS_MAX_BYTES, FileProblem, path_problem, read_bounded
 
 HOME_ENV = "MLXMAN_HOME"
 MEMORY_LIMIT_ENV = "MLXMAN_MEMORY_LIMIT"
@@ -60,7 +60,7 @@ class Config:
 def load_config(path: Path | None = None) -> Config:
     """Read the config file; a missing file is an empty config, a broken one a ConfigError."""
     path = path or config_path()
-    if path_problem(path) == "is missing":
+    if path_problem(path) == MISSING:
         return Config(path=path, exists=False)
     try:
         values = tomllib.loads(

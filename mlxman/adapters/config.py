@@ -12,7 +12,14 @@ from typing import Any
 from mlxman.adapters.findings import AdapterFormat, ValidationReport
 from mlxman.adapters.formats import CONFIG_FILE, FINE_TUNE_TYPES
 from mlxman.errors import AdapterError, NotFoundError
-from mlxman.files import ADAPTER_CONFIG_MAX_BYTES, parse_json_object, path_problem, shown_path
+from mlxman.files import (
+    ADAPTER_CONFIG_MAX_BYTES,
+    MISSING,
+    parse_json_object,
+    path_problem,
+    shown_path,
+    too_long,
+)
 from mlxman.files import FileProblem as FileProblem
 from mlxman.files import check_regular_file as check_regular_file
 from mlxman.files import read_bounded as _read_bounded
@@ -38,8 +45,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     problem = path_problem(Path(adapter_dir), want_dir=True)
     if problem:
         # Nothing there is "does not exist"; a loop, a FIFO or a file is named for what it is.
-        gone = problem in ("is missing", "is a dangling symlink") or "too long" in problem
-        words = "does not exist" if problem == "is missing" else problem
+        gone = problem in (MISSING, "is a dangling symlink") or too_long(problem)
+        words = "does not exist" if problem == MISSING else problem
         raise (NotFoundError if gone else AdapterError)(
             f"Adapter directory {shown_path(adapter_dir)} {words}",
             "pass the folder of an adapter",

@@ -29,7 +29,7 @@ from mlxman.adapters.formats import (
     weights_file,
 )
 from mlxman.errors import MlxmanError
-from mlxman.files import exists, path_problem, shown_path
+from mlxman.files import MISSING, exists, path_problem, shown_path
 from mlxman.safetensors_header import HeaderError, TensorInfo, read_header
 
 __all__ = ["AdapterModule", "read_adapter_config", "validate_adapter"]
@@ -105,7 +105,7 @@ def _validate(report: ValidationReport, adapter_dir: Path, model_dir: Path | Non
     try:
         problem = path_problem(adapter_dir, want_dir=True)
         if problem is not None:
-            what = "does not exist" if problem == "is missing" else problem
+            what = "does not exist" if problem == MISSING else problem
             what = what.replace("is a file, not a folder", "is a file, not an adapter directory")
             report.error(shown_path(adapter_dir), what, "pass the folder holding adapter_config.json")
             return

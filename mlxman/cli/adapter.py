@@ -12,7 +12,7 @@ from mlxman.adapters.findings import ValidationReport
 from mlxman.adapters.formats import FORMAT_NAMES
 from mlxman.cli.options import JsonOption
 from mlxman.errors import UsageError
-from mlxman.files import path_problem, shown_path
+from mlxman.files import MISSING, path_problem, shown_path, too_long
 from mlxman.memory import format_bytes
 from mlxman.output import out
 
@@ -28,9 +28,9 @@ ModelOption = Annotated[
 def _existing(path: Path) -> Path:
     """A path that names nothing is a usage error (exit 2), not a broken adapter."""
     problem = path_problem(path, want_dir=True)
-    if problem == "is missing" or (problem and "too long" in problem):
+    if problem == MISSING or too_long(problem):
         raise UsageError(
-            f"{shown_path(path)} {'does not exist' if problem == 'is missing' else problem}",
+            f"{shown_path(path)} {'does not exist' if problem == MISSING else problem}",
             "pass the folder of an adapter",
         )
     return path

@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import ModelError, NotFoundError
-from mlxman.files import CONFIG_MAX_BYTES, FileProblem, exists, path_problem, read_json_object, shown_path
+from mlxman.files import (
+    CONFIG_MAX_BYTES,
+    MISSING,
+    FileProblem,
+    exists,
+    path_problem,
+    read_json_object,
+    shown_path,
+    too_long,
+)
 
 CONFIG_FILE = "config.json"
 
@@ -35,9 +44,9 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     problem = path_problem(local, want_dir=True)
     if problem is None:
         return _local_model(spec, local)
-    if "too long" in problem:  # no such path can exist: a malformed name, not a missing model
+    if too_long(problem):  # no such path can exist: a malformed name, not a missing model
         raise ModelError(f"Model path {shown_path(spec)} {problem}", "check the path")
-    if problem != "is missing":  # something is there, but not a folder: say what it is
+    if problem != MISSING:  # something is there, but not a folder: say what it is
         words = problem.replace("not a folder", "not a model directory")
         raise ModelError(f"Model path {spec} {words}", "pass the folder holding config.json")
     if "@" in spec and revision is None:
@@ -60,7 +69,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
 def _local_model(spec: str, local: Path) -> ResolvedModel:
     config = local / CONFIG_FILE
     problem = path_problem(config)
-    if problem == "is missing":
+    if problem == MISSING:
         raise ModelError(
             f"{spec} has no {CONFIG_FILE}, so it is not a model directory", "pass the model's folder"
         )
@@ -88,7 +97,7 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         return read_json_object(file, CONFIG_MAX_BYTES, "a model config")
     except FileProblem as exc:
-        if exc.problem == "is missing":
+        if exc.problem == MISSING:
             raise ModelError(f"{path} has no {CONFIG_FILE}", "pass a model directory") from None
         raise ModelError(f"Model {path}: {exc}", "replace it with the model's real file") from None
     except ValueError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS
 from mlxman.errors import AdapterError, NotFoundError
-from mlxman.files import path_problem, shown_path
+from mlxman.files import MISSING, path_problem, shown_path
 from mlxman.models.resolve import ResolvedModel, resolve_model
 
 SEPARATOR = "::"
@@ -30,14 +30,14 @@ def resolve_adapter_dir(spec: str) -> Path:
     """The absolute directory of an mlx-lm adapter, so ``./a`` and ``/abs/a`` name one entry."""
     given = Path(spec).expanduser()
     problem = path_problem(given, want_dir=True)
-    if problem == "is missing":
+    if problem == MISSING:
         raise NotFoundError(f"Adapter path {spec} does not exist", "check the path to the adapter directory")
     if problem:
         words = problem.replace("not a folder", "not an adapter directory")
         raise AdapterError(f"Adapter path {shown_path(spec)} {words}", "pass the folder holding the adapter")
     path = given.resolve()
     config = path_problem(path / ADAPTER_CONFIG)
-    if config == "is missing":
+    if config == MISSING:
         raise AdapterError(
             f"{spec} has no {ADAPTER_CONFIG}, so it is not an mlx-lm adapter",
             "pass the folder `mlx_lm lora` wrote, or convert a PEFT adapter with `mlxman adapter convert`",
