@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import UsageError
-from mlxman.generate import GenerationRequest, GenerationStats, TextGeneration, prompt_tokens
+from mlxman.generate import GenerationRequest, GenerationStats, TextGeneration, fit_context, prompt_tokens
 from mlxman.memory import resolve_budget, system_memory
 from mlxman.pool import ModelPool
 from mlxman.settings import load_config
+
+CONTEXT_HINT = "shorten the prompt, lower --max-tokens, or raise --context"
 
 
 @contextmanager
@@ -77,7 +79,8 @@ def run_answer(
         answer.key, answer.kind = lease.key, lease.kind
         answer.load_seconds, answer.swap_seconds = lease.load_seconds, lease.swap_seconds
         answer.base_was_resident = lease.base_was_resident
-        generation = _generation_for(lease, request)
+        context = getattr(lease, "context_tokens", None) or pool.context_tokens
+        generation = _generation_for(lease, request, context)
         answer.stats = generation.stats
         for piece in generation:
             answer.text += piece
@@ -86,7 +89,7 @@ def run_answer(
     return answer
 
 
-def _generation_for(lease: Any, request: GenerationRequest) -> Any:
+def _generation_for(lease: Any, request: GenerationRequest, context_tokens: int) -> Any:
     if lease.kind == "embeddings":
         raise UsageError(
             f"{lease.key} is an embeddings model and cannot generate text",
@@ -98,4 +101,5 @@ def _generation_for(lease: Any, request: GenerationRequest) -> Any:
         return VisionGeneration(lease.model, lease.tokenizer, request)
     if request.images:
         raise UsageError(f"--image needs a vision model, but {lease.key} is a text model", "drop --image")
-    return TextGeneration(lease.model, lease.tokenizer, prompt_tokens(lease.tokenizer, request), request)
+    tokens = fit_context(prompt_tokens(lease.tokenizer, request), request, context_tokens, CONTEXT_HINT)
+    return TextGeneration(lease.model, lease.tokenizer, tokens, request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from mlxman.demo import DemoKit
 from mlxman.demo.kit import DEMO_PROMPT
 from tests.helpers import run_cli, run_subprocess
+from tests.server_models import long_prompt
 
 
 def generate_json(kit: DemoKit, *args: str) -> list[dict[str, object]]:
@@ -206,6 +208,15 @@ def test_bad_sampling_settings(demo_kit: DemoKit, args: tuple[str, str], needle:
     assert_clean_error(proc, 2, needle)
 
 
+def test_a_prompt_over_the_context_is_a_clear_error(demo_kit: DemoKit) -> None:
+    prompt = long_prompt(2000)  # about 10,000 tokens
+    proc = run_subprocess(
+        "generate", "--model", str(demo_kit.model), "--prompt", prompt, "--max-tokens", "16"
+    )
+    assert_clean_error(proc, 2, "max_tokens is 16", "over the context of", "--context")
+    assert re.search(r"The prompt has \d+ tokens", proc.stderr)
+
+
 def test_ctrl_c_stops_cleanly(endless_model: Path) -> None:
     proc = subprocess.Popen(
         [
@@ -218,7 +229,7 @@ def test_ctrl_c_stops_cleanly(endless_model: Path) -> None:
             "--prompt",
             "red",
             "--max-tokens",
-            "30000",
+            "2000",  # within the model's 2048-token context
             "--temp",
             "1.0",
         ],

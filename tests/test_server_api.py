@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import struct
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from mlxman.demo import DemoKit
 from mlxman.demo.kit import DEMO_PROMPT
 from tests.server_harness import Server, running_server, wait_until
+from tests.server_models import long_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +195,7 @@ def test_disconnect_mid_stream_frees_the_base(
     stream = client.completions.create(
         model=str(demo_kit.model),
         prompt="red green blue",
-        max_tokens=20000,
+        max_tokens=1500,
         temperature=0.9,
         seed=1,
         stream=True,
@@ -286,7 +288,8 @@ def test_keep_alive_expiry_unloads_an_idle_entry(server: Server, demo_kit: DemoK
     assert loaded.status_code == 200, loaded.text
     key = loaded.json()["key"]
     wait_until(lambda: key not in server.pool_keys(), 120, "the idle entry to expire")
-    assert "keep-alive expired" in server.log_text()
+    # The line is written once the unload has returned, a moment after the pool stops listing the entry.
+    wait_until(lambda: "keep-alive expired" in server.log_text(), 120, "the expiry to be logged")
 
 
 def test_request_log_on_stderr(server: Server, demo_kit: DemoKit) -> None:
@@ -308,3 +311,50 @@ def test_a_stream_that_cannot_start_is_a_plain_error(server: Server, demo_kit: D
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+
+
+CONTEXT_MESSAGE = re.compile(
+    r"The prompt has (\d+) tokens and max_tokens is 16: (\d+) tokens, over the context of (\d+) tokens"
+)
+
+
+def over_long(kit: DemoKit, route: str, stream: bool, **extra: Any) -> dict[str, Any]:
+    prompt = long_prompt(2000)  # about 10,000 tokens: over any context the demo model is given
+    body: dict[str, Any] = {"model": str(kit.model), "max_tokens": 16, "stream": stream, **extra}
+    if route == "chat":
+        return {**body, "messages": [{"role": "user", "content": prompt}]}
+    return {**body, "prompt": prompt}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_prompt_over_the_context_is_a_400_that_names_the_limit(
+    server: Server, demo_kit: DemoKit, route: str, stream: bool
+) -> None:
+    response = server.post(
+        f"/v1/{'chat/completions' if route == 'chat' else route}", over_long(demo_kit, route, stream)
+    )
+    assert response.status_code == 400 and response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "context_length_exceeded"
+    found = CONTEXT_MESSAGE.search(error["message"])
+    assert found, error["message"]
+    prompt, total, limit = (int(n) for n in found.groups())
+    assert total == prompt + 16 > limit and "truncate_prompt_tokens" in error["message"]
+    assert all(e["in_use"] == 0 for e in server.pool()["entries"])
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_truncation_keeps_the_end_of_the_prompt_that_fits(
+    server: Server, demo_kit: DemoKit, route: str
+) -> None:
+    path = f"/v1/{'chat/completions' if route == 'chat' else route}"
+    refused = server.post(path, over_long(demo_kit, route, False)).json()["error"]["message"]
+    limit = int(CONTEXT_MESSAGE.search(refused).group(3))  # type: ignore[union-attr]
+    fitted = server.post(path, over_long(demo_kit, route, False, truncate_prompt_tokens=-1))
+    assert fitted.status_code == 200, fitted.text
+    assert fitted.json()["usage"]["prompt_tokens"] == limit - 16
+    cut = server.post(path, over_long(demo_kit, route, False, truncate_prompt_tokens=100))
+    assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 100
+    zero = server.post(path, over_long(demo_kit, route, False, truncate_prompt_tokens=0))
+    assert zero.status_code == 400 and "truncate_prompt_tokens" in zero.json()["error"]["message"]

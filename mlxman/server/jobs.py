@@ -1,20 +1,40 @@
-"""Generation in a worker thread, streamed back to the event loop, stoppable from either side."""
+"""Model work as tasks for the worker threads: generations streamed to the event loop, and plain calls."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import cast
+from typing import Generic, Protocol, TypeVar, cast
 
 from mlxman.errors import UsageError
-from mlxman.generate import GenerationRequest, GenerationStats, TextGeneration, prompt_tokens
+from mlxman.generate import (
+    GenerationRequest,
+    GenerationStats,
+    TextGeneration,
+    fit_context,
+    prompt_tokens,
+)
 from mlxman.pool import Lease
 
 # What the pool's ``acquire`` gives for one request, bound to its model and adapter.
 Acquire = Callable[[], AbstractContextManager[Lease, bool | None]]
+T = TypeVar("T")
+
+CONTEXT_HINT = (
+    "shorten the prompt or lower max_tokens, or send truncate_prompt_tokens "
+    "(-1 keeps the end of the prompt that fits)"
+)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The model is held and the prompt fits: prefill begins."""
+
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -33,7 +53,20 @@ class Failed:
     error: BaseException
 
 
-Event = Piece | Finished | Failed
+Event = Started | Piece | Finished | Failed
+
+
+class Job(Protocol):
+    """What the server tracks for each model-bound request: a worker task that can be cancelled."""
+
+    @property
+    def lane(self) -> str | None: ...
+
+    def run(self) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def cancel(self, reason: BaseException | None = None) -> None: ...
 
 
 class StopMatcher:
@@ -71,60 +104,74 @@ def _overlap(text: str, stop: str) -> int:
 
 
 class GenerationJob:
-    """One request's generation: the thread holds the pool lease (the base's lock) for as long as it runs."""
+    """One request's generation. The worker running it holds the pool lease (the base's lock) throughout.
 
-    def __init__(self, acquire: Acquire, request: GenerationRequest, stops: Sequence[str] = ()) -> None:
-        self._acquire = acquire
+    Events reach the event loop in order: Started (model held, prompt fits), Pieces, then Finished or Failed.
+    ``cancel`` is seen before the model is acquired, between prefill chunks and after every token; with a
+    ``reason`` (the server stopping) the job ends as Failed(reason) instead of Finished("cancelled").
+    """
+
+    def __init__(
+        self,
+        lane: str | None,
+        acquire: Acquire,
+        request: GenerationRequest,
+        stops: Sequence[str] = (),
+        *,
+        context_tokens: int,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.lane = lane
         self.request = request
+        self._acquire = acquire
         self._stops = stops
+        self._context_tokens = context_tokens
         self._cancelled = threading.Event()
+        self._reason: BaseException | None = None
+        self._loop = loop or asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="mlxman-generate", daemon=True)
-        self._thread.start()
-
-    def cancel(self) -> None:
-        """Stop at the next token (or before starting); the thread then releases its lease."""
+    def cancel(self, reason: BaseException | None = None) -> None:
+        if reason is not None and self._reason is None:
+            self._reason = reason
         self._cancelled.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
-    async def events(self) -> AsyncGenerator[Event, None]:
-        """Pieces of text, then one Finished or Failed; leaving early cancels the generation."""
-        if self._thread is None:
-            self.start()
-        try:
-            while True:
-                event = await self._queue.get()
-                yield event
-                if not isinstance(event, Piece):
-                    return
-        finally:
-            self.cancel()
+    def fail(self, error: BaseException) -> None:
+        self._emit(Failed(error))
 
-    def _emit(self, event: Event) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            self.cancel()
-            return
-        try:
-            loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop closed meanwhile (server shutting down)
-            self.cancel()
-
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             self._emit(self._generate())
         except BaseException as exc:  # every failure must reach the waiting request
             self._emit(Failed(exc))
 
-    def _generate(self) -> Finished:
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """Started, pieces of text, then one Finished or Failed; leaving early cancels the generation."""
+        try:
+            while True:
+                event = await self._queue.get()
+                yield event
+                if isinstance(event, Finished | Failed):
+                    return
+        finally:
+            self.cancel()
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            self.cancel()
+
+    def _stopped(self, stats: GenerationStats) -> Finished | Failed:
+        return Failed(self._reason) if self._reason is not None else Finished(stats, "cancelled")
+
+    def _generate(self) -> Finished | Failed:
+        if self.cancelled:  # left (or the server stopped) while queued: load nothing
+            return self._stopped(GenerationStats())
         matcher = StopMatcher(self._stops)
         stopped = False
         with self._acquire() as lease:
@@ -133,15 +180,18 @@ class GenerationJob:
                     f"This model is a {lease.kind} model; it cannot generate text here",
                     "use /v1/embeddings for embeddings models" if lease.kind == "embeddings" else None,
                 )
-            tokens = prompt_tokens(lease.tokenizer, self.request)
-            generation = TextGeneration(lease.model, lease.tokenizer, tokens, self.request)
-            if self._cancelled.is_set():
-                return Finished(generation.stats, "cancelled")
+            context = getattr(lease, "context_tokens", None) or self._context_tokens
+            prompt = prompt_tokens(lease.tokenizer, self.request)
+            tokens = fit_context(prompt, self.request, context, CONTEXT_HINT)
+            generation = TextGeneration(
+                lease.model, lease.tokenizer, tokens, self.request, should_stop=self._cancelled.is_set
+            )
+            if self.cancelled:
+                return self._stopped(generation.stats)
+            self._emit(Started(len(tokens)))
             pieces = cast(Generator[str, None, None], iter(generation))
             try:
                 for piece in pieces:
-                    if self._cancelled.is_set():
-                        break
                     ready, stopped = matcher.feed(piece)
                     if ready:
                         self._emit(Piece(ready))
@@ -150,11 +200,41 @@ class GenerationJob:
             finally:
                 # Closing the generator ends mlx-lm's loop now, before the lease (and the base) is released.
                 pieces.close()
+        stats = generation.stats
+        if stats.finish_reason == "cancelled":
+            return self._stopped(stats)
         if not stopped:
             rest = matcher.flush()
             if rest:
                 self._emit(Piece(rest))
-        stats = generation.stats
-        if self._cancelled.is_set():
-            return Finished(stats, "cancelled")
         return Finished(stats, "stop" if stopped else stats.finish_reason or "stop")
+
+
+class CallJob(Generic[T]):
+    """A plain function run by a worker (embeddings, loads, unloads), awaited on the event loop."""
+
+    def __init__(self, lane: str | None, fn: Callable[[], T]) -> None:
+        self.lane = lane
+        self._fn = fn
+        self.future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        try:
+            result = self._fn()
+        except BaseException as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
+
+    def cancel(self, reason: BaseException | None = None) -> None:
+        """Skip the call if it has not started; a started call (one bounded piece of work) runs to its end."""
+        self.future.cancel()
+
+    async def result(self) -> T:
+        return await asyncio.wrap_future(self.future)

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from mlxman.embed import EmbeddingResult, embed_texts
 from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest
 from mlxman.pool import parse_keep_alive
@@ -75,6 +76,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         temperature=body.temperature if body.temperature is not None else 0.0,
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
+        truncate_prompt_tokens=body.truncate_prompt_tokens,
     )
     return await _complete(request, body, generation)
 
@@ -91,6 +93,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         temperature=body.temperature if body.temperature is not None else 0.0,
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
+        truncate_prompt_tokens=body.truncate_prompt_tokens,
     )
     return await _complete(request, body, generation, prompt if body.echo else "")
 
@@ -108,18 +111,21 @@ async def _complete(
     ref = await anyio.to_thread.run_sync(resolve_model, state, body.model)
     _note(request, ref.key)
     job = GenerationJob(
+        ref.model,
         lambda: state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive),
         generation,
         body.stop_sequences(),
+        context_tokens=state.pool.context_tokens,
     )
-    state.admit(job)
+    state.submit(job)
     shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.key)
     if not body.stream:
         try:
             return await _collect(job, shape, prefix, request)
         finally:
-            _end(state, job)
-    # Wait for the first piece before sending headers, so a failed load is still a plain 4xx.
+            state.release(job)
+    # Wait until the model is held and the prompt fits before sending headers, so that a failed load or an
+    # over-long prompt is still a plain 4xx; from then on (prefill included) errors arrive as stream events.
     events = job.events()
     try:
         first = await _first_event(events, request, job)
@@ -127,28 +133,23 @@ async def _complete(
             _raise(first.error)
     except BaseException:
         await events.aclose()
-        _end(state, job)
+        state.release(job)
         raise
     stream = _stream(first, events, shape, body.include_usage(), prefix, request)
-    return EventStream(stream, on_close=lambda: _end(state, job))
-
-
-def _end(state: ServerState, job: GenerationJob) -> None:
-    job.cancel()
-    state.release(job)
+    return EventStream(stream, on_close=lambda: state.release(job))
 
 
 async def _collect(job: GenerationJob, shape: _Shape, prefix: str, request: Request) -> dict[str, Any]:
     text = prefix
     outcome: Finished | Failed | None = None
     async with anyio.create_task_group() as group:
-        # A client that hangs up on a non-streamed request also stops its generation.
+        # A client that hangs up on a non-streamed request also stops its generation (prefill included).
         group.start_soon(_cancel_on_disconnect, request, job)
         async with aclosing(job.events()) as events:
             async for event in events:
                 if isinstance(event, Piece):
                     text += event.text
-                else:
+                elif isinstance(event, Finished | Failed):
                     outcome = event
         group.cancel_scope.cancel()
     if isinstance(outcome, Failed):
@@ -180,6 +181,7 @@ async def _stream(
     prefix: str,
     request: Request,
 ) -> AsyncGenerator[str, None]:
+    # The first chunk carries the role (and an echoed prompt); pieces follow as they are decoded.
     yield _sse(shape.chunk(prefix, first=True))
     async with aclosing(events):
         event: Event | None = first
@@ -210,8 +212,10 @@ def _raise(error: BaseException) -> None:
 
 def _stats_note(event: Finished) -> str:
     s = event.stats
+    # A generation stopped while reading its prompt says how far it got.
+    prefilled = f" prefilled={s.prefilled_tokens}" if s.prefilled_tokens < s.prompt_tokens else ""
     return (
-        f" prompt={s.prompt_tokens} completion={s.generation_tokens} "
+        f" prompt={s.prompt_tokens}{prefilled} completion={s.generation_tokens} "
         f"tps={s.generation_tps:.1f} finish={event.finish_reason}"
     )
 
@@ -293,18 +297,17 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     ref = await anyio.to_thread.run_sync(resolve_model, state, body.model)
     _note(request, ref.key)
 
-    def embed() -> Any:
+    def embed() -> EmbeddingResult:
         with state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive) as lease:
             if lease.kind != "embeddings":
                 raise UsageError(
                     f"{ref.key} is a {lease.kind} model, not an embeddings model",
                     "name an embeddings model (such as a sentence-transformers BERT) in `model`",
                 )
-            from mlxman.embed import embed_texts
-
             return embed_texts(lease.model, lease.tokenizer, texts)
 
-    result = await anyio.to_thread.run_sync(embed)
+    # Model work: on the workers, in the model's lane, counted against the pending limit.
+    result = await state.call(ref.model, embed)
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
         for i, vector in enumerate(result.vectors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -11,15 +12,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from mlxman.errors import ServerError, UsageError
+from mlxman.errors import EXIT_FAILURE, ServerError, UsageError
 from mlxman.memory import Budget, format_bytes
 from mlxman.server.security import split_key
 
-# Seconds in-flight requests get to finish after a stop signal before they are cancelled.
-GRACEFUL_SHUTDOWN_SECONDS = 3
-# Seconds to wait for generation threads to hand back their leases before the pool is closed.
-THREAD_DRAIN_SECONDS = 10.0
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from mlxman.server.state import ServerState
+
+# After a stop signal, model work is told to stop at its next token or prompt chunk, which can take seconds
+# on a CPU; open requests get this long to send their last event before uvicorn cuts them off.
+GRACEFUL_SHUTDOWN_SECONDS = 30
+# Then the worker threads get this long to end before the pool is closed (failing that, the process leaves).
+THREAD_DRAIN_SECONDS = 30.0
 
 Narrate = Callable[[str], None]
 
@@ -77,7 +86,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(options: ServeOptions, narrate: Narrate) -> None:
     """Serve until SIGINT or SIGTERM; the pool is closed (models freed) before returning."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here: a missing extra is a usage error)
 
         from mlxman.server.app import create_app
     except ImportError as exc:
@@ -90,6 +99,7 @@ def serve(options: ServeOptions, narrate: Narrate) -> None:
     setup_logging()
     sock = bind(options.host, options.port)
     pool = ModelPool(options.budget.limit_bytes, keep_alive=options.keep_alive)
+    state: ServerState | None = None
     try:
         for key in options.preload:
             model, adapter = split_key(key)
@@ -106,15 +116,8 @@ def serve(options: ServeOptions, narrate: Narrate) -> None:
             budget=budget,
         )
         app = create_app(pool, config)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-                lifespan="on",
-            )
-        )
+        state = app.state.server
+        server = uvicorn_server(app)
         host = f"[{options.host}]" if ":" in options.host else options.host
         limit = format_bytes(options.budget.limit_bytes)
         narrate(
@@ -123,12 +126,44 @@ def serve(options: ServeOptions, narrate: Narrate) -> None:
         )
         with _signals_recorded():
             server.run(sockets=[sock])
-        narrate("Stopping: waiting for generations to release the pool")
-        app.state.server.drain(THREAD_DRAIN_SECONDS)
+        narrate("Stopping: waiting for model work to end")
     finally:
         sock.close()
+        if state is not None and not state.close(THREAD_DRAIN_SECONDS):
+            # A worker still holds a lease: unloading under it, or letting the interpreter tear down while MLX
+            # computes in it, would crash the process. Leave at once instead.
+            narrate(f"Model work did not stop within {THREAD_DRAIN_SECONDS:.0f} s; exiting without unloading")
+            sys.stderr.flush()
+            os._exit(EXIT_FAILURE)
+        # Every worker has ended, so no lease is held: the pool can unload everything.
         pool.close()
     narrate("Stopped")
+
+
+def uvicorn_server(app: FastAPI) -> uvicorn.Server:
+    """uvicorn serving ``app``; its shutdown first ends the model work, then waits for connections as usual.
+
+    Without that first step, uvicorn waits for open requests (which wait for the model), then cuts them off:
+    queued requests got a plain-text 500 and streams no final event. Here queued requests get a JSON 503, and
+    running generations stop at their next token or prompt chunk with an error event, within the grace period.
+    """
+    import uvicorn
+
+    state: ServerState = app.state.server
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            state.begin_shutdown()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        lifespan="on",
+    )
+    return Server(config)
 
 
 @contextmanager

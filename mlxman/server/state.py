@@ -1,22 +1,25 @@
-"""What every route shares: the pool, the server's settings, the path policy and the running generations."""
+"""What every route shares: the pool, the settings, the path policy, the model workers and their jobs."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mlxman.errors import MlxmanError
-from mlxman.server.jobs import GenerationJob
+from mlxman.server.jobs import CallJob, Job
 from mlxman.server.security import PathPolicy
+from mlxman.server.workers import WORKER_THREADS, Workers
 from mlxman.settings import DEFAULT_HOST, DEFAULT_PORT
 
 if TYPE_CHECKING:
     from mlxman.pool import ModelPool
 
-# Generations waiting or running at once; beyond it a request gets 503 (retry later), not an unbounded queue.
+T = TypeVar("T")
+
+# Model-bound requests waiting or running at once; beyond it a request gets 503 (retry later).
 MAX_PENDING_GENERATIONS = 64
 # How often idle entries past their keep-alive are unloaded.
 EXPIRE_INTERVAL_SECONDS = 1.0
@@ -25,7 +28,15 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class ServerBusy(MlxmanError):
-    """Too many generations are queued."""
+    """Too many model-bound requests are queued."""
+
+
+class ServerShuttingDown(ServerBusy):
+    """The server is stopping: queued and running model work ends with this (HTTP 503)."""
+
+
+def shutting_down() -> ServerShuttingDown:
+    return ServerShuttingDown("The server is shutting down", "retry once it is running again")
 
 
 @dataclass(frozen=True)
@@ -39,34 +50,66 @@ class ServerConfig:
     max_pending: int = MAX_PENDING_GENERATIONS
     expire_interval: float = EXPIRE_INTERVAL_SECONDS
     max_body_bytes: int = MAX_BODY_BYTES
+    workers: int = WORKER_THREADS
     budget: dict[str, Any] = field(default_factory=dict)
 
 
 class ServerState:
+    """Routes run on the event loop; all that touches a model runs on ``workers``, never on a thread pool."""
+
     def __init__(self, pool: ModelPool, config: ServerConfig) -> None:
         self.pool = pool
         self.config = config
         self.policy = PathPolicy(config.roots)
-        self.jobs: set[GenerationJob] = set()
+        self.workers = Workers(config.workers)
+        self.jobs: set[Job] = set()
+        self.closing = False
         self.started = time.time()
 
-    def admit(self, job: GenerationJob) -> None:
+    def submit(self, job: Job) -> None:
+        """Count ``job`` against the pending limit and queue it for a worker; the caller ``release``s it."""
+        if self.closing:
+            raise shutting_down()
         if len(self.jobs) >= self.config.max_pending:
-            raise ServerBusy(
-                f"{len(self.jobs)} generations are already waiting or running", "retry in a moment"
-            )
+            raise ServerBusy(f"{len(self.jobs)} requests are already waiting or running", "retry in a moment")
         self.jobs.add(job)
+        self.workers.submit(job, shutting_down())
 
-    def release(self, job: GenerationJob) -> None:
+    def release(self, job: Job) -> None:
+        """The request is over: stop its work (dropped from the queue, or cancelled at its next step)."""
+        job.cancel()
+        self.workers.discard(job)
         self.jobs.discard(job)
 
-    def cancel_all(self) -> None:
-        for job in list(self.jobs):
-            job.cancel()
+    async def call(self, lane: str | None, fn: Callable[[], T], *, counted: bool = True) -> T:
+        """Run ``fn`` (model work) on a worker and await it; ``counted`` work obeys the pending limit."""
+        job = CallJob(lane, fn)
+        if counted:
+            self.submit(job)
+        else:
+            self.workers.submit(job, shutting_down())
+        try:
+            return await job.result()
+        finally:
+            if counted:
+                self.release(job)
 
-    def drain(self, timeout: float) -> None:
-        """Cancel every generation and wait (up to ``timeout`` in all) for their threads to end."""
-        deadline = time.monotonic() + timeout
+    async def expire(self) -> list[str]:
+        """Unload entries past their keep-alive; on a worker, since freeing a model touches MLX."""
+        try:
+            return await self.call(None, self.pool.expire, counted=False)
+        except ServerShuttingDown:
+            return []
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work, fail what is queued, stop what runs at its next step: each with a 503 error."""
+        self.closing = True
+        error = shutting_down()
+        self.workers.fail_queued(error)
         for job in list(self.jobs):
-            job.cancel()
-            job.join(max(deadline - time.monotonic(), 0.0))
+            job.cancel(error)
+
+    def close(self, timeout: float) -> bool:
+        """Stop all work and join the worker threads; True when none runs any more (so no lease is held)."""
+        self.begin_shutdown()
+        return self.workers.close(shutting_down(), timeout)
