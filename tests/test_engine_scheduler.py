@@ -341,3 +341,36 @@ def test_one_thread_serves_every_request(engine: Engine) -> None:
         for t in tickets:
             t.result(timeout=60)
     assert threading.active_count() == before
+
+
+def test_forgetting_an_adapter_clears_its_slot_once_its_rows_leave(
+    engine: Engine, adapters: dict[str, AdapterWeights]
+) -> None:
+    assert engine.bank is not None
+    submit(engine, PROMPTS[0], adapters["colors"], max_tokens=4).result(timeout=60)
+    with_colors = engine.status().slot_bytes
+    assert engine.bank.slot_of(adapters["colors"]) is not None
+    running = submit(engine, PROMPTS[1], adapters["numbers"], max_tokens=30)
+    engine.forget(adapters["numbers"])  # in use: cleared only after its row is done
+    engine.forget(adapters["colors"])
+    running.result(timeout=60)
+    submit(engine, PROMPTS[2], max_tokens=2).result(timeout=60)  # one more loop of the engine
+    assert engine.status().slot_adapters == ()
+    assert engine.status().slot_bytes < with_colors
+
+
+def test_swapped_in_rows_are_admitted_against_the_budget_too(
+    endless_model: Path, adapters: dict[str, AdapterWeights]
+) -> None:
+    from mlx_lm import load
+
+    model, tokenizer = load(str(endless_model))[:2]
+    per_token = 2 * 2 * 2 * 16 * 4
+    grant = Grant(256 * per_token * 3 // 2)  # one row's KV at a time
+    engine = Engine(model, tokenizer, grant=grant, config=EngineConfig(kv_bytes_per_token=per_token))
+    try:
+        tickets = [submit(engine, p, adapters["animals"], max_tokens=6) for p in PROMPTS]
+        assert all(t.result(timeout=60)[1].finish_reason == "length" for t in tickets)
+        assert grant.peak == 256 * per_token and grant.held == 0
+    finally:
+        engine.close()

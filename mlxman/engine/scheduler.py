@@ -133,6 +133,7 @@ class Engine:
         self._swap = swap or AdapterSwap(model)
         self._cond = threading.Condition()
         self._inbox: list[Row] = []
+        self._drops: list[AdapterWeights] = []
         self._closing = False
         self._close_reason: BaseException | None = None
         # Engine thread only from here on.
@@ -196,6 +197,12 @@ class Engine:
             swapped_adapter=str(wearing.path) if wearing is not None else None,
         )
 
+    def forget(self, adapter: AdapterWeights) -> None:
+        """Clear ``adapter``'s slot once no row uses it (the pool evicted it); its memory leaves the grant."""
+        with self._cond:
+            self._drops.append(adapter)
+            self._cond.notify()
+
     def close(self, reason: BaseException | None = None, timeout: float | None = None) -> None:
         """Stop: every waiting and running request ends (Failed(reason), or Finished("cancelled"))."""
         with self._cond:
@@ -230,14 +237,18 @@ class Engine:
             self._startup_error = exc
             self._started.set()
             return
+        self._grant.resize(self._slot_bytes)
         self._started.set()
         while True:
             with self._cond:
                 if not (self._inbox or self._closing or self._active):
-                    self._cond.wait(RETRY_SECONDS if self._waiting else None)
+                    self._cond.wait(RETRY_SECONDS if self._waiting or self._drops else None)
                 incoming, self._inbox = self._inbox, []
+                drops, self._drops = self._drops, []
                 closing = self._closing
             self._waiting.extend(incoming)
+            if drops:
+                self._forget(drops)
             if closing:
                 self._shutdown()
                 return
@@ -247,6 +258,21 @@ class Engine:
                 self._step()
             elif not self._waiting and self._wearing is not None:
                 self._leave_swap()
+
+    def _forget(self, adapters: list[AdapterWeights]) -> None:
+        bank = self.bank
+        if bank is None:
+            return
+        for adapter in adapters:
+            slot = bank.slot_of(adapter)
+            if any(r.adapter is adapter for r in self._waiting) or (slot and bank.active_rows(slot)):
+                with self._cond:
+                    self._drops.append(adapter)  # again once its rows have left
+            elif slot:
+                bank.clear_slot(slot)
+        self._slot_bytes = bank.nbytes
+        self._slot_adapters = tuple(str(a.path) for a in bank.resident())
+        self._grant.resize(self._slot_bytes + self._kv_bytes)
 
     def _drop_cancelled(self) -> None:
         assert self._batch is not None
@@ -274,7 +300,7 @@ class Engine:
                     return
                 self._leave_swap()
             try:
-                slot = NO_ADAPTER if row.needs_swap else self._slot_for(row)
+                slot = self._slot_for(row)
             except Exception as exc:  # an adapter that fails to load into a slot fails its request only
                 self._waiting.popleft()
                 row.fail(exc)
@@ -294,7 +320,8 @@ class Engine:
     def _slot_for(self, row: Row) -> int | None:
         """The row's slot (writing its adapter if needed) once its KV and slot memory fit; None to wait."""
         kv = self._kv_for([*self._active.values(), row])
-        adapter, bank = row.adapter, self.bank
+        # A swapped-in adapter is worn by the whole model: its rows take slot 0, the plain base's.
+        adapter, bank = (None, None) if row.needs_swap else (row.adapter, self.bank)
         growth = 0
         if adapter is not None and bank is not None and bank.slot_of(adapter) is None:
             growth = bank.growth_bytes(adapter)
