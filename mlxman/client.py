@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from urllib.parse import urlsplit
 
 from mlxman.errors import (
     AdapterError,
+    InUseError,
     MemoryBudgetError,
     MlxmanError,
     ModelError,
@@ -22,6 +24,40 @@ from mlxman.settings import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, HOST_ENV
 # Admin calls that load a model can take a while; status probes must not.
 REQUEST_TIMEOUT = 600.0
 PROBE_TIMEOUT = 0.5
+# What an HTTP header can carry and every client sends alike: visible ASCII, no spaces.
+_KEY_TEXT = re.compile(r"[\x21-\x7e]+")
+_KEY_HINT = (
+    f"set ${API_KEY_ENV} to the server's key, or pass --api-key-env NAME naming the variable that holds it"
+)
+
+
+class ServerAuthError(ServerError):
+    """The server answered 401: it needs an API key, or refused the one sent."""
+
+
+def check_api_key_text(key: str, source: str) -> None:
+    """Refuse a key no client can send: HTTP headers are ASCII, and clients encode them so."""
+    if not _KEY_TEXT.fullmatch(key):
+        raise UsageError(
+            f"The API key in ${source} has characters an HTTP header cannot carry "
+            "(non-ASCII letters, spaces or control characters)",
+            "use ASCII letters, digits and punctuation only, such as the output of `openssl rand -hex 32`",
+        )
+
+
+def api_key_from_env(
+    env_name: str | None = None, default_env: str | None = API_KEY_ENV, flag: str = "--api-key-env"
+) -> str | None:
+    """The key in the variable ``flag`` names (which must be set), else in ``default_env`` if set."""
+    name = env_name or default_env
+    if name is None:
+        return None
+    key = os.environ.get(name, "").strip()
+    if env_name and not key:
+        raise UsageError(f"{flag} names {env_name}, which is empty or unset", f"export {env_name}=KEY")
+    if key:
+        check_api_key_text(key, name)
+    return key or None
 
 
 @dataclass(frozen=True)
@@ -87,8 +123,12 @@ class PoolClient:
         self, address: Address, api_key: str | None = None, timeout: float = REQUEST_TIMEOUT
     ) -> None:
         self.address = address
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.api_key = api_key if api_key is not None else api_key_from_env()
         self.timeout = timeout
+
+    def server(self) -> dict[str, Any]:
+        """The server process's MLX counters, RSS and threads."""
+        return self._call("GET", "/api/server")
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/api/pool")
@@ -142,6 +182,12 @@ class PoolClient:
             data = None
         if response.is_success and isinstance(data, dict):
             return data
+        if response.status_code == 401:
+            raise ServerAuthError(
+                f"The mlxman server at {self.address} "
+                + ("refused the API key sent" if self.api_key else "needs an API key"),
+                _KEY_HINT,
+            )
         raise _error_from(response.status_code, data, self.address)
 
 
@@ -156,8 +202,9 @@ def _error_from(status: int, data: Any, address: Address) -> MlxmanError:
     cls = _ERRORS_BY_CODE.get(str(error.get("code")))
     if cls is not None:
         return cls(message, hint)
-    if status == 401:
-        return ServerError(message, f"set ${API_KEY_ENV} to the server's API key")
+    if status == 403:
+        # Not the user's typing but the server's rules (roots, host names): a refusal, not a usage error.
+        return ServerError(message, hint)
     if status == 404:
         return NotFoundError(message, hint or "see `mlxman pool status` for what is loaded")
     if 400 <= status < 500:
@@ -166,6 +213,7 @@ def _error_from(status: int, data: Any, address: Address) -> MlxmanError:
 
 
 _ERRORS_BY_CODE: dict[str, type[MlxmanError]] = {
+    "in_use": InUseError,
     "memory_budget": MemoryBudgetError,
     "model_error": ModelError,
     "adapter_error": AdapterError,

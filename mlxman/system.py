@@ -1,4 +1,4 @@
-"""What the machine and MLX report about themselves, for ``mlxman status``."""
+"""What the machine, MLX and a process report about themselves, for ``mlxman status`` and the server."""
 
 from __future__ import annotations
 
@@ -21,15 +21,30 @@ class MachineInfo:
 
 @dataclass(frozen=True)
 class MlxInfo:
-    """MLX's version, default device and memory counters (bytes); ``error`` if MLX is unusable."""
+    """MLX's version and default device; ``error`` if MLX is unusable."""
 
     version: str | None
     device: str | None
-    active_memory: int | None
-    peak_memory: int | None
-    cache_memory: int | None
-    memory_limit: int | None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class MlxMemory:
+    """MLX's memory counters in bytes. They count this process only: a status command reads a server's."""
+
+    active_memory: int
+    peak_memory: int
+    cache_memory: int
+    memory_limit: int
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process's resident memory and OS threads (which MLX keeps per thread that ran on a stream)."""
+
+    pid: int
+    rss_bytes: int
+    threads: int
 
 
 def machine_info() -> MachineInfo:
@@ -46,7 +61,7 @@ def machine_info() -> MachineInfo:
 
 
 def mlx_info() -> MlxInfo:
-    """Read MLX's counters; importing mlx.core is cheap (tens of ms) unlike mlx_lm."""
+    """MLX's version and device; importing mlx.core is cheap (tens of ms) unlike mlx_lm."""
     try:
         version = metadata.version("mlx")
     except metadata.PackageNotFoundError:
@@ -54,16 +69,32 @@ def mlx_info() -> MlxInfo:
     try:
         import mlx.core as mx
 
-        return MlxInfo(
-            version=version,
-            device=device_name(mx.default_device()),
-            active_memory=int(mx.get_active_memory()),
-            peak_memory=int(mx.get_peak_memory()),
-            cache_memory=int(mx.get_cache_memory()),
-            memory_limit=int(mx.get_memory_limit()),
-        )
+        return MlxInfo(version=version, device=device_name(mx.default_device()))
     except Exception as exc:  # a broken MLX install must not break status
-        return MlxInfo(version, None, None, None, None, None, error=f"{type(exc).__name__}: {exc}")
+        return MlxInfo(version, None, error=f"{type(exc).__name__}: {exc}")
+
+
+def mlx_memory() -> MlxMemory:
+    """This process's MLX counters (call it where the models are: in the server)."""
+    import mlx.core as mx
+
+    return MlxMemory(
+        active_memory=int(mx.get_active_memory()),
+        peak_memory=int(mx.get_peak_memory()),
+        cache_memory=int(mx.get_cache_memory()),
+        memory_limit=int(mx.get_memory_limit()),
+    )
+
+
+def process_info() -> ProcessInfo:
+    import os
+
+    import psutil
+
+    process = psutil.Process()
+    return ProcessInfo(
+        pid=os.getpid(), rss_bytes=int(process.memory_info().rss), threads=process.num_threads()
+    )
 
 
 def device_name(device: object) -> str:

@@ -38,8 +38,8 @@ def test_status_json_fields(isolated_home: Path) -> None:
     assert 0 < machine["memory"]["available"] <= machine["memory"]["total"]
     assert machine["arch"] and machine["os"]
     assert mlx["version"] and mlx["device"] in ("cpu", "gpu")
-    for counter in ("active_memory", "peak_memory", "cache_memory", "memory_limit"):
-        assert isinstance(mlx[counter], int)
+    # MLX's memory counters are per process: status shows a running server's, never its own (always ~0).
+    assert "active_memory" not in mlx and data["server"]["state"] in ("none", "running", "needs_key")
     assert budget == {"limit_bytes": 2 * 1024**3, "spec": "2GiB", "source": "--memory-limit"}
     assert data["user_dir"] == str(isolated_home)
 

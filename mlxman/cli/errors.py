@@ -20,11 +20,20 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         out.error("Interrupted")
         return EXIT_INTERRUPTED
+    if isinstance(exc, OSError) and exc.strerror:
+        # The file system said no (a name too long, no permission, a full disk): the user's to fix, not a bug.
+        where = f": {_shorten(str(exc.filename))}" if exc.filename is not None else ""
+        out.error(f"{exc.strerror}{where}", "check the path, its permissions and the free disk space")
+        return EXIT_FAILURE
     out.error(
         f"unexpected {type(exc).__name__}: {exc}",
         f"this is a bug in mlxman; run again with {DEBUG_ENV}=1 for the traceback and report it",
     )
     return EXIT_FAILURE
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 2 :]}"
 
 
 class MlxmanGroup(TyperGroup):

@@ -14,3 +14,10 @@ MemoryLimitOption = Annotated[
         help="Pool memory budget: 8GB, 512MiB or 75% (of RAM); default $MLXMAN_MEMORY_LIMIT, config, 75%.",
     ),
 ]
+ApiKeyEnvOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-key-env",
+        help="Environment variable holding the server's API key (default: MLXMAN_API_KEY when set).",
+    ),
+]

@@ -9,8 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mlxman.cli.options import JsonOption, MemoryLimitOption
-from mlxman.client import PROBE_TIMEOUT, Address, PoolClient, is_listening, server_address
+from mlxman.cli.options import ApiKeyEnvOption, JsonOption, MemoryLimitOption
+from mlxman.client import (
+    PROBE_TIMEOUT,
+    Address,
+    PoolClient,
+    ServerAuthError,
+    api_key_from_env,
+    is_listening,
+    server_address,
+)
 from mlxman.errors import ServerError
 from mlxman.files import exists, path_problem
 from mlxman.memory import Budget, format_bytes, resolve_budget, system_memory
@@ -45,12 +53,16 @@ def _is_local(part: str) -> bool:
     return exists(path) and path_problem(path) != "is a symlink loop"
 
 
-def running_pool(address: Address, timeout: float = PROBE_TIMEOUT) -> dict[str, Any] | None:
-    """The pool of the server at ``address``, or None when none answers (quietly: for `status` screens)."""
+def running_pool(
+    address: Address, timeout: float = PROBE_TIMEOUT, api_key: str | None = None
+) -> dict[str, Any] | None:
+    """The pool of the server at ``address``, or None when none answers; a server that wants a key says so."""
     if not is_listening(address, timeout):
         return None
     try:
-        return PoolClient(address, timeout=max(timeout, 2.0)).status()
+        return PoolClient(address, api_key, timeout=max(timeout, 2.0)).status()
+    except ServerAuthError:
+        raise
     except ServerError:
         return None
 
@@ -129,10 +141,12 @@ def render_pool(status: dict[str, Any], where: str) -> None:
 
 
 @app.command("status")
-def status(host: HostOption = None, json_output: JsonOption = False) -> None:
+def status(
+    host: HostOption = None, api_key_env: ApiKeyEnvOption = None, json_output: JsonOption = False
+) -> None:
     """Show what the server's pool holds; with no server, say so and show the budget a pool would have."""
     address = server_address(host)
-    pool = running_pool(address)
+    pool = running_pool(address, api_key=api_key_from_env(api_key_env))
     if pool is None:
         budget = _budget()
         if json_output:
@@ -165,10 +179,11 @@ def load(
         Optional[str], typer.Option("--kind", help="Override kind detection: text, vision or embeddings.")
     ] = None,
     host: HostOption = None,
+    api_key_env: ApiKeyEnvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Load a model (and adapter) into the server's pool without generating."""
-    client = PoolClient(server_address(host))
+    client = PoolClient(server_address(host), api_key_from_env(api_key_env))
     entry = client.load(
         local_spec(model), local_spec(adapter) if adapter else None, pin=pin, keep_alive=keep_alive, kind=kind
     )
@@ -180,25 +195,42 @@ def load(
 
 
 @app.command("unload")
-def unload(key: KeyArgument, host: HostOption = None, json_output: JsonOption = False) -> None:
+def unload(
+    key: KeyArgument,
+    host: HostOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    json_output: JsonOption = False,
+) -> None:
     """Unload an entry (a base takes its adapters with it) and free its memory."""
-    _keyed("unload", key, host, json_output, "Unloaded")
+    _keyed("unload", key, host, api_key_env, json_output, "Unloaded")
 
 
 @app.command("pin")
-def pin(key: KeyArgument, host: HostOption = None, json_output: JsonOption = False) -> None:
+def pin(
+    key: KeyArgument,
+    host: HostOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    json_output: JsonOption = False,
+) -> None:
     """Keep an entry resident: never evicted, never expired."""
-    _keyed("pin", key, host, json_output, "Pinned")
+    _keyed("pin", key, host, api_key_env, json_output, "Pinned")
 
 
 @app.command("unpin")
-def unpin(key: KeyArgument, host: HostOption = None, json_output: JsonOption = False) -> None:
+def unpin(
+    key: KeyArgument,
+    host: HostOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    json_output: JsonOption = False,
+) -> None:
     """Let an entry be evicted and expire again."""
-    _keyed("unpin", key, host, json_output, "Unpinned")
+    _keyed("unpin", key, host, api_key_env, json_output, "Unpinned")
 
 
-def _keyed(action: str, key: str, host: str | None, json_output: bool, verb: str) -> None:
-    client = PoolClient(server_address(host))
+def _keyed(
+    action: str, key: str, host: str | None, api_key_env: str | None, json_output: bool, verb: str
+) -> None:
+    client = PoolClient(server_address(host), api_key_from_env(api_key_env))
     result = getattr(client, action)(_full_key(client, key))
     if json_output:
         out.json(result)
@@ -224,6 +256,7 @@ def estimate(
     ] = None,
     memory_limit: MemoryLimitOption = None,
     host: HostOption = None,
+    api_key_env: ApiKeyEnvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """What loading would take (weights, adapters, KV headroom), whether it fits, and what it would evict.
@@ -235,7 +268,7 @@ def estimate(
     result: dict[str, Any] | None = None
     source = f"server {address}"
     if memory_limit is None and is_listening(address):
-        result = PoolClient(address).estimate(local_spec(model), adapters)
+        result = PoolClient(address, api_key_from_env(api_key_env)).estimate(local_spec(model), adapters)
     if result is None:
         result = _estimate_here(local_spec(model), adapters, memory_limit)
         source = "an empty pool (no server asked)"

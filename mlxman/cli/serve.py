@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from mlxman.cli.options import MemoryLimitOption
-from mlxman.client import server_address
+from mlxman.client import api_key_from_env, server_address
 from mlxman.errors import UsageError
 from mlxman.memory import resolve_budget, system_memory
 from mlxman.output import out
@@ -51,6 +50,14 @@ def serve(
             "every endpoint but /health needs `Authorization: Bearer KEY`.",
         ),
     ] = None,
+    admin_key_env: Annotated[
+        Optional[str],
+        typer.Option(
+            "--admin-key-env",
+            help="Environment variable holding an admin key: it opens every endpoint, and only it lets the "
+            "pool admin endpoints name paths outside the --adapter-root folders.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the pool over HTTP: OpenAI-compatible /v1 endpoints plus pool admin; stop with Ctrl-C."""
     from mlxman.pool import parse_keep_alive
@@ -69,22 +76,17 @@ def serve(
         keep_alive_spec=keep_alive_spec,
         preload=preload or [],
         roots=adapter_root or [],
-        api_key=_api_key(api_key_env),
+        api_key=api_key_from_env(api_key_env),
+        admin_key=api_key_from_env(admin_key_env, None, "--admin-key-env"),
     )
+    if options.admin_key and options.admin_key == options.api_key:
+        raise UsageError("The admin key is the same as the API key", f"give {admin_key_env} a key of its own")
     if not is_loopback(options.host) and not options.api_key:
         out.warn(
             f"Serving on {options.host} without an API key: anyone who can reach this port can use and steer "
             f"the pool; set {API_KEY_ENV} (or --api-key-env NAME)"
         )
     run_server(options, out.info)
-
-
-def _api_key(env_name: str | None) -> str | None:
-    name = env_name or API_KEY_ENV
-    key = os.environ.get(name, "").strip()
-    if env_name and not key:
-        raise UsageError(f"--api-key-env names {env_name}, which is empty or unset", f"export {env_name}=KEY")
-    return key or None
 
 
 def _config_port(value: object) -> int | None:

@@ -8,20 +8,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlxman.errors import MlxmanError, UsageError
+from mlxman.errors import MlxmanError
 from mlxman.pool import ModelPool
 from mlxman.server import admin_routes, openai_routes
-from mlxman.server.errors import describe
+from mlxman.server.errors import describe, user_data_error
 from mlxman.server.schemas import error_body
-from mlxman.server.security import check_bearer, is_loopback
+from mlxman.server.security import ADMIN_SCOPE_KEY, HostNotAllowed, check_bearer, host_name, is_loopback
 from mlxman.server.state import ServerBusy, ServerConfig, ServerState
 
 log = logging.getLogger("mlxman.server")
@@ -36,13 +35,8 @@ def error_response(exc: MlxmanError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def state_of(request: Request) -> ServerState:
-    state: ServerState = request.app.state.server
-    return state
-
-
-def require_key(request: Request) -> None:
-    check_bearer(request.headers.get("authorization"), state_of(request).config.api_key)
+# Paths anyone may call, without a key: a load balancer's or a script's liveness probe.
+PUBLIC_PATHS = frozenset({"/health"})
 
 
 def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
@@ -55,7 +49,7 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
         try:
             yield
         finally:
-            state.cancel_all()
+            state.begin_shutdown()
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
@@ -68,9 +62,11 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.server = state
+    # The API key is checked by the Gate middleware, before any body is read.
     app.include_router(admin_routes.health_router)
-    app.include_router(admin_routes.router, dependencies=[Depends(require_key)])
-    app.include_router(openai_routes.router, dependencies=[Depends(require_key)])
+    app.include_router(admin_routes.router)
+    app.include_router(admin_routes.server_router)
+    app.include_router(openai_routes.router)
 
     @app.exception_handler(MlxmanError)
     async def _mlxman_error(request: Request, exc: MlxmanError) -> JSONResponse:
@@ -89,19 +85,16 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            return too_large(state.config.max_body_bytes)
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(error_body(message, type_, None), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        status, body = describe(exc)
-        return JSONResponse(body, status_code=status)
-
-    app.add_middleware(BodyLimit, max_bytes=state.config.max_body_bytes)
-    if is_loopback(state.config.host):
-        app.add_middleware(LoopbackHostOnly)
+    # Added innermost first: RequestLog sees every answer, AnswerEveryError every exception, and the Gate runs
+    # before any route reads a body.
+    app.add_middleware(Gate, config=state.config)
+    app.add_middleware(AnswerEveryError)
     app.add_middleware(RequestLog)
     return app
 
@@ -116,7 +109,7 @@ async def _expire_forever(state: ServerState) -> None:
     while True:
         await asyncio.sleep(state.config.expire_interval)
         try:
-            expired = await asyncio.to_thread(state.pool.expire)
+            expired = await state.expire()
         except Exception:
             log.exception("keep-alive expiry failed")
             continue
@@ -124,20 +117,42 @@ async def _expire_forever(state: ServerState) -> None:
             log.info("unloaded %s (keep-alive expired)", key)
 
 
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` (by Content-Length, or by counting a chunked body)."""
+def too_large(max_bytes: int) -> JSONResponse:
+    body = error_body(f"Request body over {max_bytes} bytes", "invalid_request_error", "request_too_large")
+    return JSONResponse(body, status_code=413, headers={"x-should-retry": "false"})
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class Gate:
+    """What is checked before a body is read: the Host header (on loopback), the API key, the body size.
+
+    The key comes first so that an unauthenticated caller cannot make the server read (or parse) anything.
+    """
+
+    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.config = config
+        self.loopback = is_loopback(config.host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        headers = dict(scope["headers"])
+        try:
+            if self.loopback:
+                self._check_host(headers.get(b"host", b"").decode("latin-1"))
+            admin = False
+            if scope["path"] not in PUBLIC_PATHS:
+                authorization = headers.get(b"authorization", b"").decode("latin-1")
+                admin = check_bearer(authorization, self.config.api_key, self.config.admin_key)
+        except MlxmanError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[ADMIN_SCOPE_KEY] = admin
+        limit = self.config.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await too_large(limit)(scope, receive, send)
             return
         seen = 0
 
@@ -145,38 +160,54 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise UsageError(f"Request body over {self.max_bytes} bytes", "send a smaller request")
+            if seen > limit:
+                # FastAPI passes an HTTPException raised while reading the body through as it is (-> 413).
+                raise StarletteHTTPException(413, f"Request body over {limit} bytes")
             return message
 
         await self.app(scope, counted, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = error_body(
-            f"Request body over {self.max_bytes} bytes", "invalid_request_error", "request_too_large"
-        )
-        await JSONResponse(body, status_code=413)(scope, receive, send)
+    @staticmethod
+    def _check_host(header: str) -> None:
+        """On a loopback server, refuse other host names (DNS rebinding from a web page)."""
+        name = host_name(header)
+        if name is not None and not is_loopback(name):
+            raise HostNotAllowed(
+                f"Host {header!r} is not allowed: this server listens on loopback only",
+                "address it as 127.0.0.1, ::1 or localhost",
+            )
 
 
-class LoopbackHostOnly:
-    """On a loopback server, refuse requests addressed to other host names (DNS rebinding from a web page)."""
+class AnswerEveryError:
+    """Answer an exception no handler took, and keep the connection.
+
+    Starlette's last-resort handler re-raises after answering, and uvicorn then drops the connection: a client
+    on a keep-alive connection would see its next request reset.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            name = urlsplit(f"//{header}").hostname if header else None
-            if name is not None and not is_loopback(name):
-                body = error_body(
-                    f"Host {header!r} is not allowed: this server listens on loopback only",
-                    "permission_error",
-                    "host_not_allowed",
-                )
-                await JSONResponse(body, status_code=403)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if started:
+                raise  # mid-stream: only closing the connection tells the client the answer is cut
+            if user_data_error(exc) is None:
+                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            status, body = describe(exc)
+            await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
 class RequestLog:

@@ -20,6 +20,9 @@ Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+# MLX seeds its generator with an unsigned 64-bit integer; anything else is a TypeError deep in generation.
+MAX_SEED = 2**64 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Stop = Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)], None]
 
 
@@ -64,11 +67,13 @@ class SamplingFields(Lenient):
     max_tokens: Optional[MaxTokens] = None
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
     stop: Stop = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
+    # vLLM's field: keep only the prompt's last N tokens; -1 keeps as much of its end as fits the context.
+    truncate_prompt_tokens: Optional[Annotated[int, Field(ge=-1, le=2**31)]] = None
 
     def stop_sequences(self) -> list[str]:
         if self.stop is None:

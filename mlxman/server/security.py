@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
+import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from urllib.parse import urlsplit
 
 from mlxman.errors import MlxmanError, NotFoundError, UsageError
 from mlxman.pool.keys import SEPARATOR as KEY_SEPARATOR
@@ -20,6 +23,14 @@ class Unauthorized(MlxmanError):
     """A request without the server's API key."""
 
 
+class HostNotAllowed(MlxmanError):
+    """A Host header that names another machine, sent to a loopback server."""
+
+
+# Where the Gate middleware leaves, in the request's scope state, whether the caller holds the admin key.
+ADMIN_SCOPE_KEY = "mlxman_admin"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -29,13 +40,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bearer(header: str | None, api_key: str | None) -> None:
-    """Accept ``Authorization: Bearer <key>`` (compared in constant time); no key configured, no check."""
-    if not api_key:
-        return
+# Longest file or folder name most file systems allow (NAME_MAX); longer ones fail with ENAMETOOLONG.
+MAX_NAME_CHARS = 255
+# Files checked for links out of a root in one model or adapter folder; real ones hold a few dozen.
+MAX_FILES_CHECKED = 10_000
+
+
+def host_name(header: str) -> str | None:
+    """The host name in a ``Host`` header (None when there is none); UsageError when it is malformed."""
+    if not header:
+        return None
+    try:
+        parts = urlsplit(f"//{header}")
+        name, _ = parts.hostname, parts.port  # .port raises on a bad port
+    except ValueError:
+        name = None
+    if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
+        raise UsageError(
+            f"Malformed Host header {header!r}", "send host or host:port, such as 127.0.0.1:11435"
+        )
+    return name
+
+
+def check_bearer(header: str | None, api_key: str | None, admin_key: str | None = None) -> bool:
+    """Accept ``Authorization: Bearer <key>`` (compared in constant time); True when it is the admin key.
+
+    The admin key opens everything the API key opens. With no API key, callers need none (but are no admin).
+    """
     scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    if admin_key and presented and hmac.compare_digest(presented, admin_key.encode()):
+        return True
+    if api_key and not (presented and hmac.compare_digest(presented, api_key.encode())):
         raise Unauthorized("Missing or wrong API key", "send the header `Authorization: Bearer <key>`")
+    return False
 
 
 @dataclass(frozen=True)
@@ -61,7 +99,11 @@ def split_key(spec: str) -> tuple[str, str | None]:
 
 
 class PathPolicy:
-    """Requests may name what the operator loaded, or paths that really lie under one of the roots."""
+    """Requests may name what the operator loaded, or paths that really lie under one of the roots.
+
+    A path under a root is accepted only when every file in its folder, after following symlinks, lies under a
+    root too: a model folder whose tokenizer links to a file elsewhere would otherwise serve that file.
+    """
 
     def __init__(self, roots: Sequence[Path] = ()) -> None:
         for root in roots:
@@ -78,6 +120,25 @@ class PathPolicy:
         model_part, adapter_part = split_key(spec)
         if spec in loaded:
             return ModelRef(model_part, adapter_part)
+        check_names(model_part, "model")
+        if adapter_part is not None:
+            check_names(adapter_part, "adapter")
+        return self._resolve(model_part, adapter_part, loaded)
+
+    def loaded_key(self, spec: str, loaded: Collection[str]) -> str:
+        """The loaded entry ``spec`` names (for unload, pin and unpin): never a path on disk beyond that."""
+        try:
+            ref = self.resolve(spec, loaded)
+        except (NotFoundError, AccessDenied):
+            # One answer for every key that names nothing loaded, whether or not its path exists.
+            ref = None
+        if ref is None or ref.key not in loaded:
+            raise NotFoundError(
+                f"'{spec}' is not loaded in the pool", "see `mlxman pool status` for the loaded keys"
+            )
+        return ref.key
+
+    def _resolve(self, model_part: str, adapter_part: str | None, loaded: Collection[str]) -> ModelRef:
         bases = {key.partition(KEY_SEPARATOR)[0] for key in loaded}
         model = model_part if model_part in bases else self._loaded_alias(model_part, bases)
         if model is None:
@@ -99,7 +160,7 @@ class PathPolicy:
             return None
         try:
             canonical = resolve_model(text).id
-        except MlxmanError:
+        except (MlxmanError, OSError):
             return None
         return canonical if canonical in bases else None
 
@@ -123,22 +184,82 @@ class PathPolicy:
         else:
             candidates = [root / path for root in self.roots]
         for candidate in candidates:
-            if not candidate.exists():
-                continue
-            real = candidate.resolve()
+            try:
+                if not candidate.exists():
+                    continue
+                real = _real(candidate)
+            except OSError as exc:
+                raise NotFoundError(
+                    f"Cannot read the {what} path {text!r}: {exc.strerror}", _roots_hint(self.roots)
+                ) from None
             # The check that matters: after following every symlink, the target must still be inside a root.
-            if not any(real.is_relative_to(root) for root in self.roots):
+            if not self._inside(real):
                 raise AccessDenied(
                     f"The {what} path {text!r} leads outside the server's roots (through a symlink)",
                     _roots_hint(self.roots),
                 )
+            if real.is_dir():
+                self._check_files_inside(real, text, what)
             return real
         raise NotFoundError(f"No {what} {text!r} under the server's roots", _roots_hint(self.roots))
+
+    def _inside(self, real: Path) -> bool:
+        return any(real.is_relative_to(root) for root in self.roots)
+
+    def _check_files_inside(self, folder: Path, text: str, what: str) -> None:
+        """Every file and folder in ``folder``, symlinks followed, must lie under a root."""
+        pending, seen, count = [folder], {folder}, 0
+        while pending:
+            current = pending.pop()
+            try:
+                entries = list(os.scandir(current))
+            except OSError as exc:
+                raise AccessDenied(
+                    f"Cannot list the {what} folder {text!r}: {exc.strerror}", _roots_hint(self.roots)
+                ) from None
+            for entry in entries:
+                count += 1
+                if count > MAX_FILES_CHECKED:
+                    raise AccessDenied(
+                        f"The {what} folder {text!r} holds over {MAX_FILES_CHECKED} files",
+                        "name a model or adapter folder, not a folder of many",
+                    )
+                path = Path(entry.path)
+                if entry.is_symlink():
+                    path = _real(path)
+                    if not self._inside(path):
+                        inner = Path(entry.path).relative_to(folder)
+                        raise AccessDenied(
+                            f"The {what} {text!r} holds {str(inner)!r}, a link that leads outside the "
+                            "server's roots",
+                            "copy the file into the folder, or add where it links to with --adapter-root",
+                        )
+                if path.is_dir() and path not in seen:
+                    seen.add(path)
+                    pending.append(path)
+
+
+def check_names(text: str, what: str) -> None:
+    """A file or folder name longer than file systems allow is a malformed request, not a server error."""
+    if any(len(part.encode()) > MAX_NAME_CHARS for part in PurePath(text).parts):
+        raise UsageError(
+            f"The {what} path has a name over {MAX_NAME_CHARS} characters",
+            f"file and folder names are at most {MAX_NAME_CHARS} characters long",
+        )
+
+
+def is_name_too_long(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+
+
+def _real(path: Path) -> Path:
+    """Symlinks followed; unlike ``Path.resolve`` on Python 3.11, a symlink loop is no RuntimeError."""
+    return Path(os.path.realpath(path))
 
 
 def _absolute(text: str) -> str | None:
     path = Path(text)
-    return str(path.resolve()) if path.is_absolute() and ".." not in path.parts else None
+    return str(_real(path)) if path.is_absolute() and ".." not in path.parts else None
 
 
 def _roots_hint(roots: Sequence[Path]) -> str:
