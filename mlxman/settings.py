@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxman.errors import ConfigError
+from mlxman.errors import ConfigError, UsageError
 from mlxman.files import MISSING, SETTINGS_MAX_BYTES, FileProblem, path_problem, read_bounded
 
 HOME_ENV = "MLXMAN_HOME"
 MEMORY_LIMIT_ENV = "MLXMAN_MEMORY_LIMIT"
+CONTEXT_ENV = "MLXMAN_CONTEXT_LENGTH"
+MAX_MODELS_ENV = "MLXMAN_MAX_MODELS"
 HOST_ENV = "MLXMAN_HOST"
 # The environment variable `mlxman serve` reads its API key from (another name with --api-key-env).
 API_KEY_ENV = "MLXMAN_API_KEY"
@@ -25,10 +28,17 @@ DEFAULT_KEEP_ALIVE = "5m"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435
 DEFAULT_MAX_TOKENS = 256
+# Tokens (prompt plus generated) each model gets KV-cache room for, like Ollama's num_ctx; a model whose
+# config declares a shorter context gets its own.
 DEFAULT_CONTEXT_TOKENS = 4096
+MAX_CONTEXT_TOKENS = 1 << 24
 DEFAULT_MAX_MODELS = 8
+MAX_MAX_MODELS = 1024
+# Seconds a load waits for requests in flight to release memory before it is refused.
+DEFAULT_ADMISSION_TIMEOUT = 60.0
 
-CONFIG_KEYS = {"memory_limit", "keep_alive", "host", "port", "context_tokens", "max_models"}
+# `context_tokens` is the older name of `context_length`, still read.
+CONFIG_KEYS = {"memory_limit", "keep_alive", "host", "port", "context_length", "context_tokens", "max_models"}
 
 
 def user_dir() -> Path:
@@ -81,6 +91,73 @@ def load_config(path: Path | None = None) -> Config:
             f"use only: {', '.join(sorted(CONFIG_KEYS))}",
         )
     return Config(path=path, exists=True, values=values)
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """The context each model is admitted with and the most models a pool holds, with where each came from."""
+
+    context_tokens: int
+    context_source: str
+    max_models: int
+    max_models_source: str
+
+
+def resolve_pool_limits(
+    context_flag: int | None,
+    max_models_flag: int | None,
+    config: Config,
+    env: Mapping[str, str] | None = None,
+) -> PoolLimits:
+    """Each from its flag, then its environment variable, then the config file, then the default."""
+    env = os.environ if env is None else env
+    old_key = config.get("context_tokens")
+    if old_key is not None and config.get("context_length") is not None:
+        raise ConfigError(
+            f"{config.path} sets both context_length and context_tokens", "keep only context_length"
+        )
+    context, context_source = _setting(
+        "context length",
+        [
+            (context_flag, "--context-length"),
+            (env.get(CONTEXT_ENV) or None, CONTEXT_ENV),
+            (config.get("context_length"), f"context_length in {config.path}"),
+            (old_key, f"context_tokens in {config.path}"),
+        ],
+        DEFAULT_CONTEXT_TOKENS,
+        MAX_CONTEXT_TOKENS,
+        "a whole number of tokens, such as 4096 or 32768",
+    )
+    max_models, max_models_source = _setting(
+        "model count",
+        [
+            (max_models_flag, "--max-models"),
+            (env.get(MAX_MODELS_ENV) or None, MAX_MODELS_ENV),
+            (config.get("max_models"), f"max_models in {config.path}"),
+        ],
+        DEFAULT_MAX_MODELS,
+        MAX_MAX_MODELS,
+        "a whole number of models, such as 2 or 8",
+    )
+    return PoolLimits(context, context_source, max_models, max_models_source)
+
+
+def _setting(
+    what: str, candidates: list[tuple[Any, str]], default: int, most: int, use: str
+) -> tuple[int, str]:
+    for value, source in candidates:
+        if value is None:
+            continue
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and value.strip().isdigit():
+            number = int(value.strip())
+        if number is None or not 1 <= number <= most:
+            error = ConfigError if source.startswith(("context", "max_models")) else UsageError
+            raise error(f"Invalid {what} {value!r} (from {source})", f"use {use}, from 1 to {most:,}")
+        return number, source
+    return default, "default"
 
 
 def debug_enabled() -> bool:

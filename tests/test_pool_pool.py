@@ -16,11 +16,12 @@ import mlx.core as mx
 import pytest
 
 from mlxman.demo import DemoKit
-from mlxman.errors import AdapterError, MemoryBudgetError, ModelError, NotFoundError, UsageError
+from mlxman.errors import AdapterError, InUseError, MemoryBudgetError, ModelError, NotFoundError, UsageError
 from mlxman.memory import format_bytes
 from mlxman.pool import ModelPool, loaders
 from mlxman.pool.keys import resolve_target
 from mlxman.pool.kinds import EMBEDDINGS, TEXT, VISION, detect_kind, resolve_kind
+from mlxman.pool.pool import model_context
 
 GIB = 1024**3
 
@@ -231,9 +232,80 @@ def test_unload_errors(demo_kit: DemoKit) -> None:
     with pytest.raises(NotFoundError) as info:
         pool.unload("nothing-here")
     assert "not loaded" in info.value.message
-    with pool.acquire(str(demo_kit.model)), pytest.raises(Exception) as busy:
+    with pool.acquire(str(demo_kit.model)), pytest.raises(InUseError) as busy:
         pool.unload(str(demo_kit.model))
-    assert "in use" in str(busy.value)
+    assert "in use" in busy.value.message and busy.value.hint
+    assert len(pool.status().entries) == 1
+    pool.close()
+
+
+def test_context_sets_the_kv_headroom_and_the_lease_bound(demo_kit: DemoKit) -> None:
+    model, colors = str(demo_kit.model), str(demo_kit.adapters["colors"])
+    per_token = ModelPool(GIB, context_tokens=256).estimate(model).kv_bytes // 256
+    assert per_token > 0
+    pool = ModelPool(GIB, context_tokens=1000)
+    assert pool.estimate(model).kv_bytes == per_token * 1024  # mlx-lm's cache grows in 256-token steps
+    with pool.acquire(model, colors) as lease:
+        assert lease.context_tokens == 1000
+    (base, child) = pool.status().entries
+    assert (base.context_tokens, child.context_tokens) == (1000, 1000)
+    assert base.kv_bytes == per_token * 1024 and child.kv_bytes == 0
+    pool.close()
+    # The demo model declares 2,048 positions: a larger context is capped there, as Ollama caps num_ctx.
+    wide = ModelPool(GIB, context_tokens=32768)
+    assert wide.estimate(model).kv_bytes == per_token * 2048
+    with wide.acquire(model) as lease:
+        assert lease.context_tokens == 2048
+    wide.close()
+
+
+def test_model_context_follows_the_config() -> None:
+    assert model_context({}, 4096) == 4096
+    assert model_context({"max_position_embeddings": 2048}, 4096) == 2048
+    assert model_context({"max_position_embeddings": 131072}, 4096) == 4096
+    assert model_context({"n_positions": 1024, "max_position_embeddings": True}, 4096) == 1024
+    assert model_context({"text_config": {"max_position_embeddings": 512}}, 4096) == 512
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert model_context({"max_position_embeddings": 32768, "rope_scaling": yarn}, 10**6) == 131072
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert model_context({"max_position_embeddings": 131072, "rope_scaling": llama3}, 10**6) == 131072
+    linear = {"type": "linear", "factor": 2}
+    assert model_context({"max_position_embeddings": 2048, "rope_scaling": linear}, 10**6) == 4096
+
+
+def test_estimate_of_resident_entries_shows_their_size(demo_kit: DemoKit) -> None:
+    model, colors = str(demo_kit.model), str(demo_kit.adapters["colors"])
+    pool = ModelPool(GIB)
+    before = pool.estimate(model, [colors])
+    pool.load(model, colors)
+    after = pool.estimate(model, [colors])
+    assert (after.weights_bytes, after.adapters_bytes, after.kv_bytes) == (
+        before.weights_bytes,
+        before.adapters_bytes,
+        before.kv_bytes,
+    )
+    assert after.resident_bytes == pool.status().used_bytes and after.needed_bytes == 0
+    assert sorted(after.resident) == sorted(e.key for e in pool.status().entries)
+    assert before.resident_bytes == 0 and before.needed_bytes == after.resident_bytes
+    pool.close()
+
+
+def test_adapter_validation_is_never_skipped(
+    demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter missing block 1 loads silently in mlx-lm; only validation stops it, and it always runs."""
+    partial = tmp_path / "partial"
+    shutil.copytree(demo_kit.adapters["colors"], partial)
+    weights = mx.load(str(partial / "adapters.safetensors"))
+    mx.save_safetensors(
+        str(partial / "adapters.safetensors"), {k: v for k, v in weights.items() if ".layers.1." not in k}
+    )
+    monkeypatch.setitem(sys.modules, "mlxman.adapters.validate", None)  # any import of it now fails
+    pool = ModelPool(GIB)
+    with pytest.raises(AdapterError) as info:
+        pool.load(str(demo_kit.model), str(partial))
+    assert "block 1 has no tensors" in info.value.message
+    assert pool.status().entries == []  # checked before the base is even loaded
     pool.close()
 
 

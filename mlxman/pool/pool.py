@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import mlx.core as mx
 
 from mlxman.adapters.config import read_adapter_config
 from mlxman.adapters.formats import FINE_TUNE_TYPES
-from mlxman.errors import AdapterError, MemoryBudgetError, MlxmanError, NotFoundError
+from mlxman.adapters.validate import validate_adapter
+from mlxman.errors import AdapterError, InUseError, MemoryBudgetError, MlxmanError, NotFoundError
 from mlxman.memory import format_bytes, system_memory
 from mlxman.models.resolve import read_config
 from mlxman.pool import loaders, policy
@@ -23,7 +24,17 @@ from mlxman.pool.estimate import adapter_bytes, model_footprint
 from mlxman.pool.keys import Target, resolve_target
 from mlxman.pool.kinds import TEXT, VISION, check_adapter_allowed, resolve_kind
 from mlxman.pool.swap import AdapterWeights, Applied, SwapResult, check_applicable, read_adapter, swap
-from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_MODELS
+from mlxman.settings import (
+    DEFAULT_ADMISSION_TIMEOUT,
+    DEFAULT_CONTEXT_TOKENS,
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_MAX_MODELS,
+)
+
+# How long a free polls for a base's lock while its holder swaps the freed adapter off (never a generation).
+STRIP_POLL_SECONDS = 0.001
+# Config keys that bound a model's positions, checked in this order (the first one set wins).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class Lease:
     load_seconds: float
     swap_seconds: float
     swap_mode: str
+    # Tokens (prompt plus generated) the pool admitted KV-cache room for: a generation must stay within it.
+    context_tokens: int
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class EntryStatus:
     estimated_bytes: int
     measured_bytes: int | None
     kv_bytes: int
+    context_tokens: int
     adapters: list[str]
     applied_adapter: str | None
     pinned: bool
@@ -61,9 +75,8 @@ class EntryStatus:
 
     @property
     def accounted_bytes(self) -> int:
-        """What the pool counts against its budget: measured weights when known, plus KV headroom."""
-        weights = self.measured_bytes if self.measured_bytes is not None else self.estimated_bytes
-        return weights + self.kv_bytes
+        """What the pool counts against its budget: the larger of estimated and measured weights, plus KV."""
+        return max(self.estimated_bytes, self.measured_bytes or 0) + self.kv_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "accounted_bytes": self.accounted_bytes}
@@ -79,6 +92,9 @@ class PoolStatus:
     max_models: int
     keep_alive: float
     context_tokens: int
+    # Requests waiting for requests in flight to release memory, and how long each may wait.
+    waiting: int = 0
+    admission_timeout: float = DEFAULT_ADMISSION_TIMEOUT
 
     @property
     def free_bytes(self) -> int:
@@ -95,7 +111,11 @@ class PoolStatus:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Would a load fit, what it needs, and what would be evicted for it; nothing is loaded to answer."""
+    """Would a load fit, what it takes, and what would be evicted for it; nothing is loaded to answer.
+
+    Sizes are whole (what is resident counted at what the pool accounts for it); ``needed_bytes`` is what
+    is not resident yet.
+    """
 
     key: str
     kind: str
@@ -109,10 +129,12 @@ class Estimate:
     would_evict: list[str]
     resident: list[str]
     reason: str = ""
+    resident_bytes: int = 0
+    context_tokens: int = 0
 
     @property
     def needed_bytes(self) -> int:
-        return self.weights_bytes + self.adapters_bytes + self.kv_bytes
+        return self.weights_bytes + self.adapters_bytes + self.kv_bytes - self.resident_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "needed_bytes": self.needed_bytes}
@@ -126,6 +148,7 @@ class _Entry:
     parent: _Entry | None
     estimated_bytes: int
     kv_bytes: int
+    context_tokens: int
     measured_bytes: int | None
     last_used: float
     keep_alive: float
@@ -139,8 +162,8 @@ class _Entry:
 
     @property
     def accounted(self) -> int:
-        weights = self.measured_bytes if self.measured_bytes is not None else self.estimated_bytes
-        return weights + self.kv_bytes
+        # The estimate is exact for what it covers; a measurement can only show more (arrays made at init).
+        return max(self.estimated_bytes, self.measured_bytes or 0) + self.kv_bytes
 
 
 class _Flight:
@@ -170,10 +193,6 @@ class _Plan:
 
 
 def _validate_adapter(adapter_dir: Path, model_dir: Path) -> None:
-    try:
-        from mlxman.adapters.validate import validate_adapter  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
     report = validate_adapter(adapter_dir, model_dir)
     if not report.ok:
         findings = "".join(f"\n  - {f.line()}" for f in report.errors)
@@ -188,6 +207,31 @@ def _default_available() -> int:
     return system_memory().available
 
 
+def model_context(config: dict[str, Any], context_tokens: int) -> int:
+    """The context a model is admitted with: ``context_tokens``, or fewer when its config allows fewer.
+
+    Like Ollama, which caps num_ctx at the model's trained context. RoPE scaling (a ``factor`` over the
+    original positions) extends that bound.
+    """
+    text = config.get("text_config")
+    cfg = {**config, **text} if isinstance(text, dict) else config
+    bounds = [v for v in (cfg.get(k) for k in _CONTEXT_KEYS) if isinstance(v, int) and _positive(v)]
+    if not bounds:
+        return context_tokens
+    bound = bounds[0]
+    scaling = cfg.get("rope_scaling")
+    scaling = scaling if isinstance(scaling, dict) else {}
+    factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    if isinstance(factor, (int, float)) and factor > 1:
+        start = original if isinstance(original, int) and _positive(original) else bound
+        bound = max(bound, int(start * factor))
+    return min(context_tokens, bound)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 class ModelPool:
     """Models and adapters resident in one process's memory, under a byte budget."""
 
@@ -198,6 +242,7 @@ class ModelPool:
         keep_alive: float = policy.parse_keep_alive(DEFAULT_KEEP_ALIVE),
         max_models: int = DEFAULT_MAX_MODELS,
         context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+        admission_timeout: float = DEFAULT_ADMISSION_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         available_memory: Callable[[], int] | None = None,
     ) -> None:
@@ -205,12 +250,23 @@ class ModelPool:
         self.keep_alive = keep_alive
         self.max_models = max_models
         self.context_tokens = context_tokens
+        self.admission_timeout = admission_timeout
         self._clock = clock
         self._available = available_memory or _default_available
         self._entries: dict[str, _Entry] = {}
         self._flights: dict[str, _Flight] = {}
+        # Bytes admitted for loads in flight, and bytes of entries out of the pool but not freed yet: both
+        # count against the budget until the memory is really taken or really given back.
         self._reserved: dict[str, int] = {}
+        self._freeing: dict[_Entry, int] = {}
         self._lock = threading.RLock()
+        # Notified whenever memory may have become available to a waiting load.
+        self._memory_changed = threading.Condition(self._lock)
+        self._waiting = 0
+        # Open leases plus running frees, and a count of their starts and ends: a load's active-memory
+        # delta is its size only when none of them ran meanwhile.
+        self._busy = 0
+        self._epoch = 0
         # One load at a time, so each entry's active-memory delta is its own.
         self._load_lock = threading.Lock()
 
@@ -230,11 +286,11 @@ class ModelPool:
         held: list[_Entry] = []
         failed_child: _Entry | None = None
         try:
-            base, base_resident, load_seconds = self._reserve(plan, plan.model_key, keep_alive)
+            base, base_resident, load_seconds = self._reserve(plan, plan.model_key, keep_alive, held)
             held.append(base)
             child: _Entry | None = None
             if plan.mode == "child":
-                child, _, child_seconds = self._reserve(plan, plan.key, keep_alive)
+                child, _, child_seconds = self._reserve(plan, plan.key, keep_alive, held)
                 held.append(child)
                 load_seconds += child_seconds
             assert base.loaded is not None
@@ -244,18 +300,23 @@ class ModelPool:
                 except AdapterError:
                     failed_child = child
                     raise
-                yield Lease(
-                    key=plan.key,
-                    base_key=base.key,
-                    kind=base.kind,
-                    model=base.loaded.model,
-                    tokenizer=base.loaded.tokenizer,
-                    adapter=plan.target.adapter,
-                    base_was_resident=base_resident,
-                    load_seconds=load_seconds,
-                    swap_seconds=result.seconds,
-                    swap_mode=result.mode,
-                )
+                self._activity(+1)
+                try:
+                    yield Lease(
+                        key=plan.key,
+                        base_key=base.key,
+                        kind=base.kind,
+                        model=base.loaded.model,
+                        tokenizer=base.loaded.tokenizer,
+                        adapter=plan.target.adapter,
+                        base_was_resident=base_resident,
+                        load_seconds=load_seconds,
+                        swap_seconds=result.seconds,
+                        swap_mode=result.mode,
+                        context_tokens=base.context_tokens,
+                    )
+                finally:
+                    self._activity(-1)
         finally:
             self._release(held, keep_alive)
             if failed_child is not None:
@@ -275,11 +336,11 @@ class ModelPool:
         plan = self._plan(model, adapter, kind)
         held: list[_Entry] = []
         try:
-            base, _, _ = self._reserve(plan, plan.model_key, keep_alive)
+            base, _, _ = self._reserve(plan, plan.model_key, keep_alive, held)
             held.append(base)
             target = base
             if plan.mode == "child":
-                target, _, _ = self._reserve(plan, plan.key, keep_alive)
+                target, _, _ = self._reserve(plan, plan.key, keep_alive, held)
                 held.append(target)
             if pin:
                 with self._lock:
@@ -296,12 +357,11 @@ class ModelPool:
             group = [*self._children(entry), entry]
             busy = [e for e in group if e.in_use]
             if busy:
-                raise MlxmanError(
+                raise InUseError(
                     f"'{entry.key}' is in use by {sum(e.in_use for e in busy)} request(s), so it cannot go",
                     "wait for the requests to finish, then unload it again",
                 )
-            for e in group:
-                del self._entries[e.key]
+            self._detach(group)
         self._free(group)
 
     def pin(self, key: str) -> None:
@@ -309,51 +369,69 @@ class ModelPool:
             self._lookup(key).pinned = True
 
     def unpin(self, key: str) -> None:
-        with self._lock:
+        with self._memory_changed:
             self._lookup(key).pinned = False
+            self._memory_changed.notify_all()
 
     def estimate(self, model: str, adapters: Sequence[str] = (), *, kind: str | None = None) -> Estimate:
         """Would ``model`` with ``adapters`` fit now, and what would be evicted for it? Reads headers only."""
         plans = [self._plan(model, a, kind) for a in adapters] or [self._plan(model, None, kind)]
         with self._lock:
-            resident = set(self._entries)
-        weights = kv = adapters_total = 0
+            resident = dict(self._entries)
+        weights = kv = adapters_total = resident_bytes = 0
+        context = self.context_tokens
         counted: set[str] = set()
         adds_model = False
         for plan in plans:
-            if plan.model_key not in resident and plan.model_key not in counted:
+            if plan.model_key not in counted:
                 counted.add(plan.model_key)
-                adds_model = True
-                footprint = model_footprint(
-                    plan.target.model.path,
-                    read_config(plan.target.model.path),
-                    plan.kind,
-                    self.context_tokens,
-                )
-                weights += footprint.weights_bytes
-                kv += footprint.kv_bytes
-                if plan.mode == "own" and plan.target.adapter is not None:
-                    adapters_total += adapter_bytes(plan.target.adapter)
-            if plan.mode == "child" and plan.key not in resident and plan.key not in counted:
+                entry = resident.get(plan.model_key)
+                if entry is not None:
+                    weights += entry.accounted - entry.kv_bytes
+                    kv += entry.kv_bytes
+                    resident_bytes += entry.accounted
+                    context = entry.context_tokens
+                else:
+                    adds_model = True
+                    path = plan.target.model.path
+                    config = read_config(path)
+                    context = model_context(config, self.context_tokens)
+                    footprint = model_footprint(path, config, plan.kind, context)
+                    weights += footprint.weights_bytes
+                    kv += footprint.kv_bytes
+                    if plan.mode == "own" and plan.target.adapter is not None:
+                        adapters_total += adapter_bytes(plan.target.adapter)
+            if plan.mode == "child" and plan.key not in counted:
                 counted.add(plan.key)
-                adapters_total += adapter_bytes(plan.target.adapter)  # type: ignore[arg-type]
-        needed = weights + kv + adapters_total
-        with self._lock:
-            adm = self._admission(needed, adds_model)
-        return Estimate(
+                entry = resident.get(plan.key)
+                if entry is not None:
+                    adapters_total += entry.accounted
+                    resident_bytes += entry.accounted
+                else:
+                    adapters_total += adapter_bytes(plan.target.adapter)  # type: ignore[arg-type]
+        found = Estimate(
             key=plans[0].target.base_key if adapters else plans[0].key,
             kind=plans[0].kind,
-            fits=adm.fits,
+            fits=False,
             weights_bytes=weights,
             adapters_bytes=adapters_total,
             kv_bytes=kv,
             limit_bytes=self.budget_bytes,
+            in_use_bytes=0,
+            available_bytes=0,
+            would_evict=[],
+            resident=sorted(k for k in resident if k in counted),
+            resident_bytes=resident_bytes,
+            context_tokens=context,
+        )
+        with self._lock:
+            adm = self._admission(found.needed_bytes, adds_model)
+        return replace(
+            found,
+            fits=adm.fits,
             in_use_bytes=adm.in_use,
             available_bytes=adm.available,
             would_evict=adm.victims,
-            resident=sorted(
-                k for k in resident if k in {p.key for p in plans} | {p.model_key for p in plans}
-            ),
             reason=adm.reason,
         )
 
@@ -361,7 +439,8 @@ class ModelPool:
         """Unload idle entries whose keep-alive has run out; return their keys."""
         with self._lock:
             keys = policy.expired(self._views(), self._clock())
-            gone = [self._entries.pop(k) for k in keys]
+            gone = [self._entries[k] for k in keys]
+            self._detach(gone)
         self._free(gone)
         return keys
 
@@ -369,8 +448,9 @@ class ModelPool:
         with self._lock:
             now = self._clock()
             entries = [self._entry_status(e, now) for e in self._entries.values()]
-            used = sum(e.accounted for e in self._entries.values()) + sum(self._reserved.values())
             models = sum(1 for e in self._entries.values() if e.parent is None)
+            used = self._used()
+            waiting = self._waiting
         return PoolStatus(
             entries=entries,
             budget_bytes=self.budget_bytes,
@@ -380,13 +460,15 @@ class ModelPool:
             max_models=self.max_models,
             keep_alive=self.keep_alive,
             context_tokens=self.context_tokens,
+            waiting=waiting,
+            admission_timeout=self.admission_timeout,
         )
 
     def close(self) -> None:
         """Unload everything (in-use entries included: callers must be done with their leases)."""
         with self._lock:
             gone = list(self._entries.values())
-            self._entries.clear()
+            self._detach(gone)
         self._free(gone)
 
     def __enter__(self) -> ModelPool:
@@ -425,8 +507,13 @@ class ModelPool:
 
     # -- reservation and single-flight loads
 
-    def _reserve(self, plan: _Plan, key: str, keep_alive: float | None) -> tuple[_Entry, bool, float]:
-        """Return the entry for ``key`` with its in-use count raised, loading it first (once) when missing."""
+    def _reserve(
+        self, plan: _Plan, key: str, keep_alive: float | None, held: Sequence[_Entry]
+    ) -> tuple[_Entry, bool, float]:
+        """Return the entry for ``key`` with its in-use count raised, loading it first (once) when missing.
+
+        ``held`` are the entries the caller already holds (the base, when ``key`` is its adapter).
+        """
         started = time.perf_counter()
         waited = False
         while True:
@@ -448,7 +535,7 @@ class ModelPool:
                     raise flight.error
                 continue
             try:
-                entry = self._load_entry(plan, key, keep_alive)
+                entry = self._load_entry(plan, key, keep_alive, held)
             except BaseException as exc:
                 flight.error = exc
                 raise
@@ -458,7 +545,7 @@ class ModelPool:
                     flight.done.set()
             return entry, False, time.perf_counter() - started
 
-    def _load_entry(self, plan: _Plan, key: str, keep_alive: float | None) -> _Entry:
+    def _load_entry(self, plan: _Plan, key: str, keep_alive: float | None, held: Sequence[_Entry]) -> _Entry:
         """Admit, evict, load and insert one entry, reserved for the caller. Runs in the flight's owner."""
         ka = self.keep_alive if keep_alive is None else keep_alive
         path = plan.target.model.path
@@ -472,21 +559,25 @@ class ModelPool:
                     f"Base '{plan.target.base_key}' left the pool while its adapter loaded", "retry"
                 )
             _validate_adapter(adapter_dir, path)
-            estimated, kv, adds_model = adapter_bytes(adapter_dir), 0, False
+            estimated, kv, context, adds_model = adapter_bytes(adapter_dir), 0, base.context_tokens, False
         else:
             base = None
             if plan.target.adapter is not None:
                 _validate_adapter(plan.target.adapter, path)
-            footprint = model_footprint(path, read_config(path), plan.kind, self.context_tokens)
+            config = read_config(path)
+            context = model_context(config, self.context_tokens)
+            footprint = model_footprint(path, config, plan.kind, context)
             estimated, kv, adds_model = footprint.weights_bytes, footprint.kv_bytes, True
             if plan.mode == "own" and plan.kind == VISION and plan.target.adapter is not None:
                 estimated += adapter_bytes(plan.target.adapter)
-        self._admit(key, estimated + kv, adds_model)
+        self._admit(key, estimated + kv, adds_model, held)
         try:
             loaders.import_loader(TEXT if base is not None else plan.kind)
             with self._load_lock:
                 # Free what earlier work left for the collector first, or its release would blur the delta.
                 gc.collect()
+                with self._lock:
+                    quiet, epoch = self._busy == 0, self._epoch
                 before = mx.get_active_memory()
                 loaded: loaders.LoadedModel | None = None
                 weights: AdapterWeights | None = None
@@ -495,7 +586,10 @@ class ModelPool:
                 else:
                     adapter = plan.target.adapter if plan.mode == "own" else None
                     loaded = loaders.load_model(path, plan.kind, adapter)
-                measured = max(mx.get_active_memory() - before, 0)
+                delta = mx.get_active_memory() - before
+                with self._lock:
+                    # Active memory is process-wide: a lease or a free meanwhile moved it too.
+                    quiet = quiet and self._epoch == epoch
             entry = _Entry(
                 key=key,
                 kind=plan.kind,
@@ -503,67 +597,126 @@ class ModelPool:
                 parent=base,
                 estimated_bytes=estimated,
                 kv_bytes=kv,
-                measured_bytes=measured,
+                context_tokens=context,
+                measured_bytes=max(delta, 0) if quiet else None,
                 last_used=self._clock(),
                 keep_alive=ka,
                 in_use=1,
                 loaded=loaded,
                 adapter=weights,
             )
-            with self._lock:
+            with self._memory_changed:
+                # In one step, so the bytes are never counted twice nor dropped.
                 self._entries[key] = entry
-            return entry
+                self._reserved.pop(key, None)
+                self._memory_changed.notify_all()
         except BaseException:
             loaded = weights = None
             gc.collect()
             mx.clear_cache()
             raise
         finally:
-            with self._lock:
-                self._reserved.pop(key, None)
+            with self._memory_changed:
+                if self._reserved.pop(key, None) is not None:
+                    self._memory_changed.notify_all()
+        if entry.accounted > estimated + kv:
+            self._settle()
+        return entry
 
-    def _admit(self, key: str, needed: int, adds_model: bool) -> None:
-        with self._lock:
-            adm = self._admission(needed, adds_model)
-            if not adm.fits:
-                raise self._refusal(key, adm)
+    def _admit(self, key: str, needed: int, adds_model: bool, held: Sequence[_Entry]) -> None:
+        """Reserve ``needed`` bytes, evicting for them; wait while requests in flight hold what must go.
+
+        What cannot fit even once every other request has ended is refused at once; a wait that outlasts
+        ``admission_timeout`` is refused too, which also ends waits on each other (see docs/pool.md).
+        """
+        deadline: float | None = None
+        with self._memory_changed:
+            while True:
+                adm = self._admission(needed, adds_model)
+                if adm.fits:
+                    break
+                if not self._admission(needed, adds_model, settled=held).fits:
+                    raise self._refusal(key, adm)
+                now = time.monotonic()
+                deadline = now + self.admission_timeout if deadline is None else deadline
+                if now >= deadline:
+                    raise self._refusal(key, adm, waited=self.admission_timeout)
+                self._waiting += 1
+                try:
+                    self._memory_changed.wait(deadline - now)
+                finally:
+                    self._waiting -= 1
             victims = [self._entries[k] for unit in adm.victims for k in self._unit_keys(unit)]
-            for e in victims:
-                del self._entries[e.key]
-            self._reserved[key] = needed
-        self._free(victims)
+            self._detach(victims)
+            # Until the victims are freed their bytes stay counted, and this load holds only the rest;
+            # then it holds all it needs (see _free).
+            self._reserved[key] = max(needed - sum(self._freeing[e] for e in victims), 0)
+        self._free(victims, heir=(key, needed))
 
-    def _admission(self, needed: int, adds_model: bool) -> policy.Admission:
+    def _admission(
+        self, needed: int, adds_model: bool, *, settled: Sequence[_Entry] | None = None
+    ) -> policy.Admission:
+        """The verdict now; with ``settled`` (what the caller holds), once every other request has ended."""
         reserved = sum(self._reserved.values())
+        views = self._views()
+        if settled is None:
+            return policy.admit(
+                views,
+                needed,
+                self.budget_bytes,
+                self._available() - reserved,
+                max_models=self.max_models,
+                adds_model=adds_model,
+                reserved=reserved + sum(self._freeing.values()),
+            )
+        # Loads in flight become entries, and frees finish; only pins and the caller's own holds stay.
+        holds = [e.key for e in settled]
+        views = [replace(v, in_use=holds.count(v.key)) for v in views]
         return policy.admit(
-            self._views(),
+            views,
             needed,
             self.budget_bytes,
-            self._available() - reserved,
+            self._available(),
             max_models=self.max_models,
             adds_model=adds_model,
-            reserved=reserved,
         )
 
-    def _refusal(self, key: str, adm: policy.Admission) -> MemoryBudgetError:
+    def _settle(self) -> None:
+        """A load measured more than its estimate: evict idle entries until the pool is within its budget."""
+        with self._lock:
+            adm = self._admission(0, False)
+            victims = [self._entries[k] for unit in adm.victims for k in self._unit_keys(unit)]
+            self._detach(victims)
+        self._free(victims)
+
+    def _refusal(self, key: str, adm: policy.Admission, waited: float | None = None) -> MemoryBudgetError:
         need, limit = format_bytes(adm.needed), format_bytes(adm.limit)
         if adm.reason == "larger than the pool limit":
             return MemoryBudgetError(
                 f"'{key}' needs {need} but the pool limit is {limit}",
-                "raise --memory-limit, lower the context size, or use a smaller (quantized) model",
+                "raise --memory-limit, lower --context-length, or use a smaller (quantized) model",
             )
+        after = f" after waiting {waited:g} s for requests in flight" if waited is not None else ""
         if adm.reason == "too many models":
             return MemoryBudgetError(
                 f"'{key}' would be model {adm.models_to_free + self.max_models} but the pool holds at most "
-                f"{self.max_models}, and no resident model is idle and unpinned",
+                f"{self.max_models}, and no resident model is idle and unpinned{after}",
                 "raise --max-models, or unpin or unload a model",
             )
         could = ", ".join(f"'{k}'" for k in adm.evictable) or "nothing (every entry is pinned or in use)"
-        return MemoryBudgetError(
+        message = (
             f"'{key}' needs {need} but the pool limit is {limit} with {format_bytes(adm.in_use)} in use and "
             f"{format_bytes(adm.available)} available on this machine; unloading {could} would free only "
-            f"{format_bytes(adm.evictable_bytes)} of the {format_bytes(adm.to_free)} needed",
-            "raise --memory-limit, unpin or unload entries (`mlxman pool unload`), or lower the context size",
+            f"{format_bytes(adm.evictable_bytes)} of the {format_bytes(adm.to_free)} needed"
+        )
+        if waited is not None:
+            return MemoryBudgetError(
+                f"{message} (waited {waited:g} s for requests in flight to release memory)",
+                "retry when fewer requests run, raise --memory-limit, or lower --context-length",
+            )
+        return MemoryBudgetError(
+            message,
+            "raise --memory-limit, unpin or unload entries (`mlxman pool unload`), or lower --context-length",
         )
 
     # -- swapping, release, freeing
@@ -580,12 +733,17 @@ class ModelPool:
         base.applied, base.applied_state = (child, result.applied) if nxt is not None else (None, None)
         return result
 
+    def _activity(self, step: int) -> None:
+        with self._lock:
+            self._busy += step
+            self._epoch += 1
+
     def _release(self, held: list[_Entry], keep_alive: float | None) -> None:
         if not held:
             return
         now = self._clock()
         due = False
-        with self._lock:
+        with self._memory_changed:
             for e in held:
                 e.in_use -= 1
                 e.last_used = now
@@ -593,6 +751,7 @@ class ModelPool:
                     e.keep_alive = keep_alive
                 deadline = policy.expires_at(e.last_used, e.keep_alive)
                 due = due or (deadline is not None and deadline <= now)
+            self._memory_changed.notify_all()
         if due:
             self.expire()
 
@@ -600,26 +759,66 @@ class ModelPool:
         with self._lock:
             if self._entries.get(entry.key) is not entry or entry.in_use or entry.pinned:
                 return
-            del self._entries[entry.key]
+            self._detach([entry])
         self._free([entry])
 
-    def _free(self, gone: list[_Entry]) -> None:
-        """Drop references to unloaded entries (stripping an applied adapter off its base), free MLX."""
-        if not gone:
-            return
+    def _detach(self, gone: Sequence[_Entry]) -> None:
+        """Under the pool's lock: take entries out of the pool; their bytes count until ``_free`` ends."""
         for e in gone:
-            base = e.parent
-            if base is not None and base.applied is e and base not in gone:
-                with base.lock:
-                    if base.applied is e and base.loaded is not None:
+            del self._entries[e.key]
+            self._freeing[e] = e.accounted
+
+    def _free(self, gone: Sequence[_Entry], heir: tuple[str, int] | None = None) -> None:
+        """Drop references to detached entries (stripping an applied adapter off its base), free MLX memory.
+
+        Then their bytes stop counting; ``heir`` (a load that evicted them) then holds all it needs.
+        """
+        try:
+            if gone:
+                self._activity(+1)
+                try:
+                    for e in gone:
+                        if e.parent is not None and e.parent not in gone:
+                            self._strip(e.parent, e)
+                    for e in gone:
+                        e.loaded = None
+                        e.adapter = None
+                        e.applied, e.applied_state = None, None
+                    gc.collect()
+                    mx.clear_cache()
+                finally:
+                    self._activity(-1)
+        finally:
+            with self._memory_changed:
+                for e in gone:
+                    self._freeing.pop(e, None)
+                if heir is not None:
+                    self._reserved[heir[0]] = heir[1]
+                self._memory_changed.notify_all()
+
+    def _strip(self, base: _Entry, gone: _Entry) -> None:
+        """Take ``gone``'s adapter off ``base`` without waiting for any generation.
+
+        A lease swaps first thing under the base's lock, before it generates. So while ``gone`` is still
+        applied, a holder of the lock is about to replace it: poll until it has, or strip here once the
+        lock is free.
+        """
+        while base.applied is gone:
+            if base.lock.acquire(timeout=STRIP_POLL_SECONDS):
+                try:
+                    if base.applied is gone and base.loaded is not None:
                         swap(base.loaded.model, base.applied_state, None)
                         base.applied, base.applied_state = None, None
-        for e in gone:
-            e.loaded = None
-            e.adapter = None
-            e.applied, e.applied_state = None, None
-        gc.collect()
-        mx.clear_cache()
+                finally:
+                    base.lock.release()
+                return
+
+    def _used(self) -> int:
+        return (
+            sum(e.accounted for e in self._entries.values())
+            + sum(self._reserved.values())
+            + sum(self._freeing.values())
+        )
 
     # -- views
 
@@ -666,6 +865,7 @@ class ModelPool:
             estimated_bytes=e.estimated_bytes,
             measured_bytes=e.measured_bytes,
             kv_bytes=e.kv_bytes,
+            context_tokens=e.context_tokens,
             adapters=[c.key for c in self._children(e)],
             applied_adapter=e.applied.key if e.applied is not None else None,
             pinned=e.pinned,
