@@ -209,7 +209,8 @@ class Engine:
             self._closing = True
             self._close_reason = reason
             self._cond.notify()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # a callback may close its own engine
+            self._thread.join(timeout)
 
     def _wake(self) -> None:
         with self._cond:
