@@ -81,7 +81,12 @@ def parse_address(text: str, source: str = "--host", default_port: int = DEFAULT
     raw = text.strip()
     if not raw:
         raise UsageError(f"Empty server address (from {source})", "use host:port, such as 127.0.0.1:11435")
-    parsed = urlsplit(raw if "://" in raw else f"http://{raw}")
+    try:
+        parsed = urlsplit(raw if "://" in raw else f"http://{raw}")
+    except ValueError:  # an unclosed or invalid [IPv6] literal
+        raise UsageError(
+            f"Malformed server address {text!r} (from {source})", "use host:port, such as [::1]:11435"
+        ) from None
     if parsed.scheme not in ("http", ""):
         raise UsageError(f"Unsupported scheme in {text!r} (from {source})", "mlxman serve speaks plain http")
     try:

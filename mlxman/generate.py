@@ -12,6 +12,8 @@ from mlxman.settings import DEFAULT_MAX_TOKENS
 
 # Upper bound for one request: a typo like --max-tokens 1e9 should fail fast, not run for hours.
 MAX_TOKENS_LIMIT = 32768
+# MLX seeds its generator with an unsigned 64-bit integer; anything else is a TypeError deep in generation.
+MAX_SEED = 2**64 - 1
 # Prompt tokens per model call; a stop request (client gone, server stopping) is seen between two calls.
 PREFILL_STEP_TOKENS = 512
 # ``truncate_prompt_tokens`` value for "keep as much of the prompt's end as fits the context" (vLLM's -1).
@@ -49,6 +51,8 @@ class GenerationRequest:
             raise UsageError(f"temperature must be in [0, 10], got {self.temperature}", "use e.g. --temp 0.7")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", "use e.g. --top-p 0.9")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed must be in [0, 2**64 - 1], got {self.seed}", "pass --seed 0 or more")
         if self.messages is None and not self.prompt:
             raise UsageError("The prompt is empty", "pass --prompt TEXT or pipe the prompt on stdin")
         keep = self.truncate_prompt_tokens

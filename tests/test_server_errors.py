@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from mlxman.client import parse_address
+from mlxman.errors import UsageError
 from mlxman.server.errors import describe
 from tests.helpers import run_cli
 from tests.server_harness import Server, running_server, wait_until
@@ -174,3 +176,19 @@ def test_raw_malformed_host_does_not_reset(server: Server) -> None:
                 break
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 400") and b"HTTP/1.1 200" in reply, reply[:400]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_generate_refuses_an_out_of_range_seed_too(endless_model: Path, seed: str) -> None:
+    result = run_cli("generate", "--model", str(endless_model), "--prompt", "hi", "--seed", seed)
+    assert result.exit_code == 2 and "--seed" in result.stderr and "bug" not in result.stderr
+
+
+@pytest.mark.parametrize("address", ["[::1", "http://[::1", "[zz]:80", "[::1]:port"])
+def test_a_malformed_address_is_a_usage_error(address: str) -> None:
+    """The client's own side of the malformed Host: --host and $MLXMAN_HOST."""
+    with pytest.raises(UsageError, match="address|port"):
+        parse_address(address)
+    for args, env in ((["pool", "status", "--host", address], {}), (["status"], {"MLXMAN_HOST": address})):
+        result = run_cli(*args, env=env)
+        assert result.exit_code == 2 and "bug" not in result.stderr, result.stderr

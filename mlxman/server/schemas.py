@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mlxman.generate import MAX_TOKENS_LIMIT
+from mlxman.generate import MAX_SEED, MAX_TOKENS_LIMIT
 
 # Bounds on what one request may ask for: big enough for real use, small enough that a typo fails fast.
 MAX_TEXT_CHARS = 1_000_000
@@ -20,8 +20,6 @@ Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-# MLX seeds its generator with an unsigned 64-bit integer; anything else is a TypeError deep in generation.
-MAX_SEED = 2**64 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Stop = Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)], None]
 

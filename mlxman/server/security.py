@@ -168,7 +168,8 @@ class PathPolicy:
         if not self.roots:
             raise AccessDenied(
                 f"The {what} {text!r} is not loaded, and this server serves only what its operator loaded",
-                "load it with `mlxman pool load`, or start the server with --adapter-root DIR",
+                "the operator can load it with `mlxman pool load` (with the admin key, if the server has "
+                "one), or start the server with --adapter-root DIR",
             )
         path = PurePath(text)
         if ".." in path.parts:
