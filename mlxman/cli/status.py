@@ -80,13 +80,13 @@ def _ask_server(address: Address, api_key: str | None) -> tuple[ServerReport, di
 
 
 def _server_rows(server: ServerReport) -> list[tuple[str, str]]:
-    key_hint = f"set ${API_KEY_ENV} or pass --api-key-env NAME"
+    key_hint = f"(${API_KEY_ENV}, or --api-key-env NAME)"
     if server.state == "none":
         return [("Server", f"none running at {server.address} (start one with `mlxman serve`)")]
     if server.state == "needs_key":
-        return [("Server", f"running at {server.address}, needs an API key: {key_hint}")]
+        return [("Server", f"{server.address} needs an API key {key_hint}")]
     if server.state == "key_refused":
-        return [("Server", f"running at {server.address}, refused the API key sent: {key_hint}")]
+        return [("Server", f"{server.address} refused the API key sent {key_hint}")]
     if server.state == "error" or server.process is None:
         return [("Server", f"at {server.address}, not answering as mlxman: {server.detail}")]
     p, x = server.process, server.process.get("mlx") or {}
