@@ -12,16 +12,25 @@ from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest, GenerationStats, TextGeneration, fit_context, prompt_tokens
 from mlxman.memory import resolve_budget, system_memory
 from mlxman.pool import ModelPool
-from mlxman.settings import load_config
+from mlxman.settings import load_config, resolve_pool_limits
 
-CONTEXT_HINT = "shorten the prompt, lower --max-tokens, or raise --context"
+CONTEXT_HINT = "shorten the prompt, lower --max-tokens, or raise --context-length"
 
 
 @contextmanager
-def open_pool(memory_limit: str | None) -> Iterator[ModelPool]:
+def open_pool(
+    memory_limit: str | None, context_length: int | None = None, max_models: int | None = None
+) -> Iterator[ModelPool]:
     """A pool for one command: it keeps what it loads until the command ends, then frees it all."""
-    budget = resolve_budget(memory_limit, load_config(), system_memory().total)
-    pool = ModelPool(budget.limit_bytes, keep_alive=-1)
+    config = load_config()
+    budget = resolve_budget(memory_limit, config, system_memory().total)
+    limits = resolve_pool_limits(context_length, max_models, config)
+    pool = ModelPool(
+        budget.limit_bytes,
+        keep_alive=-1,
+        context_tokens=limits.context_tokens,
+        max_models=limits.max_models,
+    )
     try:
         yield pool
     finally:

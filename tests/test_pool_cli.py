@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +16,31 @@ from mlxman.demo.kit import DEMO_PROMPT
 from tests.helpers import imported_heavy_modules, run_cli, run_subprocess
 from tests.server_harness import Server, free_port, running_server
 
+LONG_MODEL = "a-model-folder-with-a-rather-long-descriptive-name"
+LONG_ADAPTER = "an-adapter-trained-on-colors-for-quite-a-while"
+SERVER_CONTEXT, SERVER_MAX_MODELS = 1024, 3
+
 
 @pytest.fixture(scope="module")
-def server(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def long_names(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The demo model and an adapter under names too long for an 80-column table."""
+    root = tmp_path_factory.mktemp("long-names")
+    shutil.copytree(demo_kit.model, root / LONG_MODEL)
+    shutil.copytree(demo_kit.adapters["colors"], root / LONG_ADAPTER)
+    return (root / LONG_MODEL).resolve(), (root / LONG_ADAPTER).resolve()
+
+
+@pytest.fixture(scope="module")
+def server(
+    demo_kit: DemoKit, long_names: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     logs = tmp_path_factory.mktemp("pool-server-logs")
     preload = f"{demo_kit.model}::{demo_kit.adapters['colors']}"
-    with running_server(logs, "--preload", preload, "--keep-alive", "10m") as srv:
+    long_preload = f"{long_names[0]}::{long_names[1]}"
+    limits = ["--context-length", str(SERVER_CONTEXT), "--max-models", str(SERVER_MAX_MODELS)]
+    with running_server(
+        logs, "--preload", preload, "--preload", long_preload, "--keep-alive", "10m", *limits
+    ) as srv:
         yield srv
 
 
@@ -46,6 +67,11 @@ def test_status_without_a_server_shows_the_budget() -> None:
     assert "budget" in result.stdout
     data = json.loads(run_cli("pool", "status", "--host", host, "--json").stdout)
     assert data["running"] is False and data["budget"]["limit_bytes"] > 0
+    assert (data["limits"]["context_tokens"], data["limits"]["max_models"]) == (4096, 8)
+    env = {"MLXMAN_CONTEXT_LENGTH": "8192", "MLXMAN_MAX_MODELS": "2"}
+    text = run_cli("pool", "status", "--host", host, env=env).stdout
+    assert "8192 tokens per model (from MLXMAN_CONTEXT_LENGTH)" in text
+    assert "at most 2 models (from MLXMAN_MAX_MODELS)" in text
 
 
 def test_status_and_help_do_not_import_heavy_modules() -> None:
@@ -66,6 +92,14 @@ def test_estimate_without_a_server(demo_kit: DemoKit) -> None:
     assert json.loads(tight.stdout)["fits"] is False
     table = run_cli("pool", "estimate", str(demo_kit.model), "--host", host)
     assert "Fits" in table.stdout and "KV headroom" in table.stdout
+    # The KV headroom follows the context: mlx-lm's cache grows in 256-token steps.
+    small = run_cli("pool", "estimate", str(demo_kit.model), "--context-length", "256", "--json")
+    assert (
+        json.loads(small.stdout)["kv_bytes"] * 4
+        == json.loads(run_cli("pool", "estimate", str(demo_kit.model), "-c", "1024", "--json").stdout)[
+            "kv_bytes"
+        ]
+    )
 
 
 def test_only_operator_loaded_entries_may_be_named(
@@ -96,7 +130,7 @@ def test_pool_commands_steer_the_server(
 
     table = run_cli("pool", "status", *host, env={"COLUMNS": "400"})
     assert table.exit_code == 0
-    for header in ("NAME", "KIND", "SIZE", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
+    for header in ("NAME", "KIND", "SIZE", "CONTEXT", "PINNED", "IN USE", "UNTIL"):
         assert header in table.stdout
     assert "text-model::numbers" in table.stdout and "Used" in table.stdout
 
@@ -116,11 +150,42 @@ def test_pool_commands_steer_the_server(
 
     estimate = json.loads(run_cli("pool", "estimate", str(demo_kit.model), *host, "--json").stdout)
     assert estimate["source"].startswith("server") and str(demo_kit.model.resolve()) in estimate["resident"]
+    assert estimate["weights_bytes"] > 0 and estimate["needed_bytes"] == 0
+    shown = run_cli("pool", "estimate", str(demo_kit.model), *host).stdout
+    assert re.search(r"Weights\s+\d+\.\d KiB \(resident\)", shown), shown
+    assert "Weights 0 B" not in " ".join(shown.split())
+
+
+def test_pool_table_fits_80_columns_without_splitting_a_name(
+    server: Server, long_names: tuple[Path, Path]
+) -> None:
+    host = ["--host", server.host]
+    table = run_cli("pool", "status", *host, env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert all(len(line.rstrip()) <= 80 for line in lines), table.stdout
+    keys = server.pool_keys()
+    long_key = f"{long_names[0]}::{long_names[1]}"
+    rows = [line for line in lines if "…" in line]
+    assert rows and all(line.split()[1] in ("text", "adapter") for line in rows), table.stdout
+    # Each entry is one row: a name is shortened in the middle, never folded onto a second line.
+    table_lines = lines[: next(i for i, line in enumerate(lines) if line.startswith("Used "))]
+    assert len(table_lines) == 1 + len(keys), table.stdout
+    name = next(line.split()[0] for line in rows if line.split()[1] == "adapter")
+    assert name.endswith(LONG_ADAPTER[-6:]) and "::" in name
+    assert run_cli("pool", "unpin", name, *host).exit_code == 0  # the shortened name names its entry
+    assert not next(e for e in server.pool()["entries"] if e["key"] == long_key)["pinned"]
+    assert run_cli("pool", "pin", name, *host).exit_code == 0
+    assert next(e for e in server.pool()["entries"] if e["key"] == long_key)["pinned"]
 
 
 def test_pool_status_json_and_mlxman_status(server: Server, demo_kit: DemoKit) -> None:
     data = json.loads(run_cli("pool", "status", "--host", server.host, "--json").stdout)
     assert data["running"] is True
+    assert (data["context_tokens"], data["max_models"]) == (SERVER_CONTEXT, SERVER_MAX_MODELS)
+    assert {e["context_tokens"] for e in data["entries"]} == {SERVER_CONTEXT}
+    table = run_cli("pool", "status", "--host", server.host).stdout
+    assert f"of at most {SERVER_MAX_MODELS} models; context {SERVER_CONTEXT} tokens per model" in table
     assert str(demo_kit.model.resolve()) in {e["key"] for e in data["entries"]}
     assert data["budget_bytes"] > 0 and data["budget"]["source"]
     status = run_cli("status", "--json", env={"MLXMAN_HOST": server.host})

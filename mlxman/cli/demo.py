@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mlxman.answers import Answer, open_pool, run_answer
-from mlxman.cli.options import JsonOption, MemoryLimitOption
+from mlxman.cli.options import ContextOption, JsonOption, MaxModelsOption, MemoryLimitOption
 from mlxman.cli.pool import render_pool
 from mlxman.demo.kit import DEMO_PROMPT, ensure_demo_kit
 from mlxman.generate import GenerationRequest
@@ -26,6 +26,8 @@ def demo(
     ] = False,
     json_output: JsonOption = False,
     memory_limit: MemoryLimitOption = None,
+    context_length: ContextOption = None,
+    max_models: MaxModelsOption = None,
 ) -> None:
     """Build (once) a small local model and adapters, then compare their answers over one resident base."""
     with out.stderr.status("Preparing the demo kit…") as spinner:
@@ -33,7 +35,7 @@ def demo(
     out.info(f"Demo kit: {kit.root}")
     request = GenerationRequest(prompt=prompt, max_tokens=DEMO_MAX_TOKENS)
     answers: list[Answer] = []
-    with open_pool(memory_limit) as pool:
+    with open_pool(memory_limit, context_length, max_models) as pool:
         for adapter in [None, *kit.adapters.values()]:
             answers.append(
                 run_answer(pool, Answer(str(kit.model), str(adapter) if adapter else None), request)

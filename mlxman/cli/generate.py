@@ -10,7 +10,7 @@ from rich.columns import Columns
 from rich.panel import Panel
 
 from mlxman.answers import Answer, open_pool, run_answer
-from mlxman.cli.options import JsonOption, MemoryLimitOption
+from mlxman.cli.options import ContextOption, JsonOption, MaxModelsOption, MemoryLimitOption
 from mlxman.errors import Interrupted, UsageError
 from mlxman.generate import GenerationRequest, GenerationStats
 from mlxman.memory import format_bytes
@@ -75,6 +75,8 @@ def generate(
     ] = None,
     json_output: JsonOption = False,
     memory_limit: MemoryLimitOption = None,
+    context_length: ContextOption = None,
+    max_models: MaxModelsOption = None,
 ) -> None:
     """Generate text, streaming tokens to stdout and stats to stderr."""
     request = GenerationRequest(
@@ -93,7 +95,7 @@ def generate(
     side_by_side = several and not json_output and _wide_enough(len(adapters))
     stream = not json_output and not side_by_side
     answers: list[Answer] = []
-    with open_pool(memory_limit) as pool:
+    with open_pool(memory_limit, context_length, max_models) as pool:
         for adapter_path in adapters:
             answer = Answer(model, adapter_path)
             if stream and several:

@@ -21,3 +21,23 @@ ApiKeyEnvOption = Annotated[
         help="Environment variable holding the server's API key (default: MLXMAN_API_KEY when set).",
     ),
 ]
+# Named like Ollama's context length (OLLAMA_CONTEXT_LENGTH, num_ctx) and LM Studio's --context-length;
+# llama.cpp's -c / --ctx-size work too.
+ContextOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--context-length",
+        "--ctx-size",
+        "-c",
+        help="Tokens (prompt plus output) each model gets KV-cache room for, capped at the model's own "
+        "context; default $MLXMAN_CONTEXT_LENGTH, config context_length, 4096.",
+    ),
+]
+MaxModelsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-models",
+        help="Most models resident at once (adapters on them do not count); default $MLXMAN_MAX_MODELS, "
+        "config max_models, 8.",
+    ),
+]

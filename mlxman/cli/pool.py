@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
-from mlxman.cli.options import ApiKeyEnvOption, JsonOption, MemoryLimitOption
+from mlxman.cli.options import ApiKeyEnvOption, ContextOption, JsonOption, MemoryLimitOption
 from mlxman.client import (
     PROBE_TIMEOUT,
     Address,
@@ -23,7 +26,7 @@ from mlxman.errors import ServerError
 from mlxman.files import exists, path_problem
 from mlxman.memory import Budget, format_bytes, resolve_budget, system_memory
 from mlxman.output import out
-from mlxman.settings import HOST_ENV, load_config
+from mlxman.settings import HOST_ENV, PoolLimits, load_config, resolve_pool_limits
 
 app = typer.Typer(
     help="Show and steer the pool of a running `mlxman serve` (like `ollama ps` / `lms ps`).",
@@ -38,6 +41,11 @@ KeyArgument = Annotated[
     str, typer.Argument(help="MODEL or MODEL::ADAPTER, or the NAME `pool status` shows for it.")
 ]
 SEPARATOR = "::"
+# Names longer than the table leaves room for are cut in the middle: both ends tell entries apart.
+ELLIPSIS = "…"
+NAME_MIN_WIDTH = 16
+NAME_PART_MIN_WIDTH = 8
+COLUMNS = ("NAME", "KIND", "SIZE", "CONTEXT", "PINNED", "IN USE", "UNTIL")
 
 
 def local_spec(spec: str) -> str:
@@ -67,8 +75,9 @@ def running_pool(
         return None
 
 
-def _budget() -> Budget:
-    return resolve_budget(None, load_config(), system_memory().total)
+def _budget() -> tuple[Budget, PoolLimits]:
+    config = load_config()
+    return resolve_budget(None, config, system_memory().total), resolve_pool_limits(None, None, config)
 
 
 def _until(entry: dict[str, Any]) -> str:
@@ -87,9 +96,9 @@ def _until(entry: dict[str, Any]) -> str:
 
 
 def _size(entry: dict[str, Any]) -> str:
-    measured = entry.get("measured_bytes")
-    estimated = format_bytes(entry["estimated_bytes"])
-    return estimated if measured is None else f"{estimated} / {format_bytes(measured)}"
+    """What the entry counts against the budget: its weights (the larger of estimate and measurement) + KV."""
+    weights = max(entry["estimated_bytes"], entry.get("measured_bytes") or 0)
+    return format_bytes(weights + entry.get("kv_bytes", 0))
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -103,16 +112,34 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {key: name if taken.count(name) == 1 else key for key, name in names.items()}
 
 
+def fit_name(name: str, width: int) -> str:
+    """``name`` in at most ``width`` cells, never folded: cut in the middle, the model's part first."""
+    if cell_len(name) <= width:
+        return name
+    model, sep, adapter = name.partition(SEPARATOR)
+    if not sep:
+        return _cut(name, width)
+    model = _cut(model, max(width - cell_len(sep + adapter), NAME_PART_MIN_WIDTH))
+    return model + sep + _cut(adapter, max(width - cell_len(model + sep), NAME_PART_MIN_WIDTH))
+
+
+def _cut(text: str, width: int) -> str:
+    if cell_len(text) <= width:
+        return text
+    keep = max(width - 1, 2)
+    head = keep // 2
+    return text[:head] + ELLIPSIS + text[len(text) - (keep - head) :]
+
+
 def render_pool(status: dict[str, Any], where: str) -> None:
     """The pool as ``ollama ps`` shows its models: one row per entry, then totals against the budget."""
     entries = status.get("entries", [])
     names = short_names([e["key"] for e in entries])
     rows = [
         [
-            escape(names[e["key"]]),
             e["kind"] if e.get("parent") is None else "adapter",
             _size(e),
-            str(len(e.get("adapters") or [])) if e.get("parent") is None else "-",
+            str(e["context_tokens"]) if e.get("parent") is None and e.get("context_tokens") else "-",
             "yes" if e.get("pinned") else "no",
             str(e.get("in_use", 0)),
             _until(e),
@@ -120,24 +147,32 @@ def render_pool(status: dict[str, Any], where: str) -> None:
         for e in entries
     ]
     if rows:
-        # Names fold rather than end in "…": they are what `pool unload` and `pool pin` take.
-        table = Table(box=None, header_style="title", pad_edge=False, collapse_padding=True)
-        table.add_column("NAME", overflow="fold")
-        for column in ("KIND", "SIZE (EST / MEASURED)", "ADAPTERS", "PINNED", "IN USE", "UNTIL"):
+        # One space between columns; what the other columns leave is the names' room.
+        columns = zip(*[COLUMNS[1:], *rows], strict=True)
+        others = sum(max(cell_len(c) for c in column) + 1 for column in columns)
+        room = max(out.stdout.width - others, NAME_MIN_WIDTH)
+        table = Table(box=None, header_style="title", pad_edge=False, padding=(0, 1, 0, 0))
+        for column in COLUMNS:
             table.add_column(column, no_wrap=True)
-        for row in rows:
-            table.add_row(*row)
+        for e, row in zip(entries, rows, strict=True):
+            table.add_row(escape(fit_name(names[e["key"]], room)), *row)
         out.show(table)
     else:
         out.text("The pool is empty.")
     budget = status.get("budget") or {}
     source = f" ({budget['spec']}, from {budget['source']})" if budget.get("spec") else ""
-    out.text(
+    waiting = status.get("waiting") or 0
+    lines = [
         f"Used {format_bytes(status['used_bytes'])} of {format_bytes(status['budget_bytes'])}{source}, "
-        f"{format_bytes(status['free_bytes'])} free; "
-        f"{status['model_count']} of {status['max_models']} models; "
-        f"machine has {format_bytes(status['available_bytes'])} available; {where}"
-    )
+        f"{format_bytes(status['free_bytes'])} free.",
+        f"{status['model_count']} of at most {status['max_models']} models; context "
+        f"{status['context_tokens']} tokens per model"
+        + (f"; {waiting} request(s) waiting for memory." if waiting else "."),
+        f"Machine has {format_bytes(status['available_bytes'])} available; {where}.",
+    ]
+    for line in lines:
+        # Wrapped here, between words: the terminal would cut anywhere.
+        out.text(escape(textwrap.fill(line, max(out.stdout.width, NAME_MIN_WIDTH), break_long_words=False)))
 
 
 @app.command("status")
@@ -148,14 +183,18 @@ def status(
     address = server_address(host)
     pool = running_pool(address, api_key=api_key_from_env(api_key_env))
     if pool is None:
-        budget = _budget()
+        budget, limits = _budget()
         if json_output:
-            out.json({"running": False, "address": address.url, "budget": budget})
+            out.json({"running": False, "address": address.url, "budget": budget, "limits": limits})
             return
         out.info(f"No mlxman server is running at {address}.")
         out.hint("Start one with `mlxman serve`.")
         limit = format_bytes(budget.limit_bytes)
-        out.text(f"A pool would have a budget of {limit} ({budget.spec}, from {budget.source}).")
+        out.text(f"A pool would have a budget of {limit} ({budget.spec}, from {budget.source}),")
+        out.text(
+            f"a context of {limits.context_tokens} tokens per model (from {limits.context_source}) "
+            f"and at most {limits.max_models} models (from {limits.max_models_source})."
+        )
         return
     if json_output:
         out.json({"running": True, "address": address.url, **pool})
@@ -244,8 +283,14 @@ def _full_key(client: PoolClient, key: str) -> str:
     if spec != key:
         return spec
     keys = [e["key"] for e in client.status().get("entries", [])]
-    matches = [k for k, name in short_names(keys).items() if name == key]
-    return matches[0] if len(matches) == 1 else key
+    return match_name(key, keys) or key
+
+
+def match_name(name: str, keys: list[str]) -> str | None:
+    """The one key ``name`` stands for in the table: its short name, or that name cut in the middle."""
+    pattern = re.compile(".+".join(re.escape(part) for part in name.split(ELLIPSIS)), re.DOTALL)
+    matches = [key for key, short in short_names(keys).items() if pattern.fullmatch(short) or key == name]
+    return matches[0] if len(matches) == 1 else None
 
 
 @app.command("estimate")
@@ -255,22 +300,24 @@ def estimate(
         Optional[list[str]], typer.Option("--adapter", "-a", help="Adapter to load on it (repeatable).")
     ] = None,
     memory_limit: MemoryLimitOption = None,
+    context_length: ContextOption = None,
     host: HostOption = None,
     api_key_env: ApiKeyEnvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """What loading would take (weights, adapters, KV headroom), whether it fits, and what it would evict.
 
-    Asks the running server if any; without one, or with --memory-limit, answers here for an empty pool.
+    Asks the running server if any; without one, or with --memory-limit or --context-length, answers here
+    for an empty pool.
     """
     adapters = [local_spec(a) for a in adapter or []]
     address = server_address(host)
     result: dict[str, Any] | None = None
     source = f"server {address}"
-    if memory_limit is None and is_listening(address):
+    if memory_limit is None and context_length is None and is_listening(address):
         result = PoolClient(address, api_key_from_env(api_key_env)).estimate(local_spec(model), adapters)
     if result is None:
-        result = _estimate_here(local_spec(model), adapters, memory_limit)
+        result = _estimate_here(local_spec(model), adapters, memory_limit, context_length)
         source = "an empty pool (no server asked)"
     if json_output:
         out.json({**result, "source": source})
@@ -278,23 +325,38 @@ def estimate(
         render_estimate(result, source)
 
 
-def _estimate_here(model: str, adapters: list[str], memory_limit: str | None) -> dict[str, Any]:
-
+def _estimate_here(
+    model: str, adapters: list[str], memory_limit: str | None, context_length: int | None
+) -> dict[str, Any]:
     from mlxman.pool import ModelPool
 
-    budget = resolve_budget(memory_limit, load_config(), system_memory().total)
-    found = ModelPool(budget.limit_bytes).estimate(model, adapters)
-    return found.as_dict()
+    config = load_config()
+    budget = resolve_budget(memory_limit, config, system_memory().total)
+    limits = resolve_pool_limits(context_length, None, config)
+    pool = ModelPool(budget.limit_bytes, context_tokens=limits.context_tokens, max_models=limits.max_models)
+    return pool.estimate(model, adapters).as_dict()
 
 
 def render_estimate(e: dict[str, Any], source: str) -> None:
     verdict = "[ok]yes[/ok]" if e["fits"] else f"[error]no[/error] ({e.get('reason') or 'does not fit'})"
+    resident = e.get("resident") or []
+    base_resident = e["key"] in resident
+    adapters_resident = len(resident) - base_resident
+    context = e.get("context_tokens")
     rows = [
         ("Key", f"{escape(e['key'])} ({e['kind']})"),
-        ("Weights", format_bytes(e["weights_bytes"])),
-        ("Adapters", format_bytes(e["adapters_bytes"])),
-        ("KV headroom", format_bytes(e["kv_bytes"])),
-        ("Needs", format_bytes(e["needed_bytes"])),
+        ("Weights", format_bytes(e["weights_bytes"]) + (" (resident)" if base_resident else "")),
+        (
+            "Adapters",
+            format_bytes(e["adapters_bytes"])
+            + (f" ({adapters_resident} resident)" if adapters_resident and e["adapters_bytes"] else ""),
+        ),
+        ("KV headroom", format_bytes(e["kv_bytes"]) + (f" for {context} tokens" if context else "")),
+        (
+            "Needs",
+            format_bytes(e["needed_bytes"])
+            + (f" more ({format_bytes(e['resident_bytes'])} resident)" if e.get("resident_bytes") else ""),
+        ),
         ("Pool", f"limit {format_bytes(e['limit_bytes'])}, {format_bytes(e['in_use_bytes'])} in use"),
         ("Machine", f"{format_bytes(e['available_bytes'])} available"),
         ("Resident", escape(", ".join(e.get("resident") or [])) or "none"),

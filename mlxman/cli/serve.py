@@ -7,12 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlxman.cli.options import MemoryLimitOption
+from mlxman.cli.options import ContextOption, MaxModelsOption, MemoryLimitOption
 from mlxman.client import api_key_from_env, server_address
 from mlxman.errors import UsageError
 from mlxman.memory import resolve_budget, system_memory
 from mlxman.output import out
-from mlxman.settings import API_KEY_ENV, DEFAULT_KEEP_ALIVE, DEFAULT_PORT, HOST_ENV, load_config
+from mlxman.settings import (
+    API_KEY_ENV,
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_PORT,
+    HOST_ENV,
+    load_config,
+    resolve_pool_limits,
+)
 
 
 def serve(
@@ -24,6 +31,8 @@ def serve(
         Optional[int], typer.Option("--port", help="Port to bind (default 11435).", min=1, max=65535)
     ] = None,
     memory_limit: MemoryLimitOption = None,
+    context_length: ContextOption = None,
+    max_models: MaxModelsOption = None,
     keep_alive: Annotated[
         Optional[str],
         typer.Option(
@@ -68,6 +77,7 @@ def serve(
     config = load_config()
     address = server_address(host, config.get("host"), _config_port(config.get("port")) or DEFAULT_PORT)
     keep_alive_spec = str(keep_alive or config.get("keep_alive") or DEFAULT_KEEP_ALIVE)
+    limits = resolve_pool_limits(context_length, max_models, config)
     options = ServeOptions(
         host=address.host,
         port=port or address.port,
@@ -78,6 +88,8 @@ def serve(
         roots=adapter_root or [],
         api_key=api_key_from_env(api_key_env),
         admin_key=api_key_from_env(admin_key_env, None, "--admin-key-env"),
+        context_tokens=limits.context_tokens,
+        max_models=limits.max_models,
     )
     if options.admin_key and options.admin_key == options.api_key:
         raise UsageError("The admin key is the same as the API key", f"give {admin_key_env} a key of its own")

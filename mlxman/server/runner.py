@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from mlxman.errors import EXIT_FAILURE, ServerError, UsageError
 from mlxman.memory import Budget, format_bytes
 from mlxman.server.security import split_key
+from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_MODELS
 
 if TYPE_CHECKING:
     import uvicorn
@@ -44,6 +45,8 @@ class ServeOptions:
     roots: Sequence[Path] = ()
     api_key: str | None = None
     admin_key: str | None = None
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    max_models: int = DEFAULT_MAX_MODELS
 
 
 def setup_logging() -> None:
@@ -98,7 +101,12 @@ def serve(options: ServeOptions, narrate: Narrate) -> None:
 
     setup_logging()
     sock = bind(options.host, options.port)
-    pool = ModelPool(options.budget.limit_bytes, keep_alive=options.keep_alive)
+    pool = ModelPool(
+        options.budget.limit_bytes,
+        keep_alive=options.keep_alive,
+        context_tokens=options.context_tokens,
+        max_models=options.max_models,
+    )
     state: ServerState | None = None
     try:
         for key in options.preload:
