@@ -187,7 +187,7 @@ def test_generate_refuses_an_out_of_range_seed_too(endless_model: Path, seed: st
 @pytest.mark.parametrize("address", ["[::1", "http://[::1", "[zz]:80", "[::1]:port"])
 def test_a_malformed_address_is_a_usage_error(address: str) -> None:
     """The client's own side of the malformed Host: --host and $MLXMAN_HOST."""
-    with pytest.raises(UsageError, match="address|port"):
+    with pytest.raises(UsageError, match=r"address|port"):
         parse_address(address)
     for args, env in ((["pool", "status", "--host", address], {}), (["status"], {"MLXMAN_HOST": address})):
         result = run_cli(*args, env=env)
