@@ -281,7 +281,7 @@ def _server_rows(work: Path, model: Path, good: Path, places: dict[str, str]) ->
     pid: list[int] = []
     rows: list[dict[str, Any]] = []
     places = {**places, str(root): "ROOT"}
-    extra = ["--adapter-root", str(root), "--api-key-env", "BENCH_KEY", "--context", str(context)]
+    extra = ["--adapter-root", str(root), "--api-key-env", "BENCH_KEY", "--context-length", str(context)]
     os.environ["BENCH_KEY"] = key
     auth = {"Authorization": f"Bearer {key}"}
     with running_server([str(served)], work / "server.log", extra, pid) as url:
