@@ -19,6 +19,8 @@ from tests.test_pool_pool import GIB, copy_model, run_threads
 
 # Joins and waits that only end a test that would otherwise hang; a passing run never gets near them.
 HANG_SECONDS = 120.0
+# A context of one KV-cache step (256 tokens) for the stress test.
+CONTEXT = 256
 
 
 def entry(pool: ModelPool, key: str) -> Any:
@@ -123,12 +125,15 @@ def test_concurrent_loads_unloads_and_expiries_stay_within_the_budget(
     freed meanwhile) and mx.random's key, made here before the baseline so it is part of it. Wrapping a base
     for an adapter draws its random LoRA init lazily and replaces it before anything evaluates it, and no
     request here runs the model, so no activation or KV cache is live: active memory over
-    ``baseline + budget`` is an overrun.
+    ``baseline + budget`` is an overrun. A short context keeps the KV headroom (accounted, never allocated
+    here) small next to the weights, so a third base resident at once would be over the budget.
     """
     bases = [str(demo_kit.model.resolve())] + [copy_model(demo_kit, tmp_path / f"b{i}") for i in range(2)]
     adapters: list[str | None] = [None, *(str(a) for a in demo_kit.adapters.values())]
-    budget = 2 * model_need(bases[0]) + adapter_need(demo_kit) + 1024
-    pool = ModelPool(budget, keep_alive=0.05, admission_timeout=HANG_SECONDS)
+    budget = 2 * model_need(bases[0], context_tokens=CONTEXT) + adapter_need(demo_kit) + 1024
+    weights = ModelPool(GIB).estimate(bases[0]).weights_bytes
+    assert 3 * weights > budget
+    pool = ModelPool(budget, keep_alive=0.05, context_tokens=CONTEXT, admission_timeout=HANG_SECONDS)
     mx.eval(mx.random.uniform(shape=(1,)))
     gc.collect()
     mx.clear_cache()
@@ -148,6 +153,7 @@ def test_concurrent_loads_unloads_and_expiries_stay_within_the_budget(
         for _ in range(12):
             base, adapter = rng.choice(bases), rng.choice(adapters)
             with pool.acquire(base, adapter, keep_alive=rng.choice([0, 0.02, None])) as lease:
+                assert lease.context_tokens == CONTEXT
                 done.append(lease.key)
             del lease  # a lease kept after its block keeps its model alive
         return done
@@ -187,6 +193,32 @@ def test_concurrent_loads_unloads_and_expiries_stay_within_the_budget(
     pool.close()
     gc.collect()
     assert mx.get_active_memory() <= baseline
+
+
+def test_two_models_loading_at_once_respect_max_models(
+    demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for one model, a second model's load waits for the first (then evicts it), never overlaps."""
+    first, second = (copy_model(demo_kit, tmp_path / n) for n in ("first", "second"))
+    pool = ModelPool(GIB, max_models=1, admission_timeout=HANG_SECONDS)
+    real_load = loaders.load_model
+    most = [0]
+
+    def load_once_the_other_is_admitted_or_waits(path: Path, kind: str, adapter: Path | None = None) -> Any:
+        if str(path) == first:
+            # The defect admitted the second model while the first still loaded: two reservations at once.
+            wait_for(lambda: len(pool._reserved) > 1 or pool.status().waiting == 1, "the second request")
+        most[0] = max(most[0], len(pool._reserved) + pool.status().model_count)
+        return real_load(path, kind, adapter)
+
+    monkeypatch.setattr(loaders, "load_model", load_once_the_other_is_admitted_or_waits)
+    a = start(lambda: pool.load(first))
+    wait_for(lambda: bool(pool._reserved), "the first load to be admitted")
+    b = start(lambda: pool.load(second))
+    results = [finish(*a), finish(*b)]
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert most[0] == 1 and [e.key for e in pool.status().entries] == [second]
+    pool.close()
 
 
 # -- item: a request that fits once in-use entries are released waits for them
@@ -367,6 +399,8 @@ def test_a_short_request_with_keep_alive_0_ends_while_a_long_one_runs(
     """
     from mlx_lm import stream_generate
 
+    from mlxman.generate import thread_stream
+
     pool = ModelPool(GIB, keep_alive=-1)
     model = str(endless_model.resolve())
     a, b = str(demo_kit.adapters["colors"]), str(demo_kit.adapters["numbers"])
@@ -391,7 +425,10 @@ def test_a_short_request_with_keep_alive_0_ends_while_a_long_one_runs(
 
     def long_b() -> str:
         with pool.acquire(model, b) as lease:
-            for _ in stream_generate(lease.model, lease.tokenizer, [1, 2, 3], max_tokens=10**7):
+            tokens = stream_generate(
+                lease.model, lease.tokenizer, [1, 2, 3], max_tokens=10**7, stream=thread_stream()
+            )
+            for _ in tokens:
                 b_tokens[0] += 1
                 if b_stop.is_set():
                     return "stopped"

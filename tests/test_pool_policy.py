@@ -148,6 +148,16 @@ def test_reserved_bytes_count_as_used() -> None:
     assert not adm.fits and adm.in_use == 5 * GIB and adm.to_free == GIB
 
 
+def test_models_loading_count_toward_the_model_limit() -> None:
+    """A model still loading is a model: two concurrent loads must not both fit under max_models=1."""
+    adm = admit([], GIB, 10 * GIB, 100 * GIB, max_models=1, adds_model=True, reserved=GIB, reserved_models=1)
+    assert not adm.fits and adm.reason == "too many models" and adm.models_to_free == 1
+    adm = admit([], GIB, 10 * GIB, 100 * GIB, max_models=2, adds_model=True, reserved=GIB, reserved_models=1)
+    assert adm.fits
+    adapter = admit([], GIB, 10 * GIB, 100 * GIB, max_models=1, adds_model=False, reserved_models=1)
+    assert adapter.fits
+
+
 def test_expiry() -> None:
     entries = [
         view("a", 1, 0, keep_alive=300.0),

@@ -129,16 +129,18 @@ def admit(
     max_models: int,
     adds_model: bool,
     reserved: int = 0,
+    reserved_models: int = 0,
 ) -> Admission:
     """Decide whether ``needed`` more bytes fit, and which least-recently-used idle entries to evict for them.
 
     Victims are taken oldest first until the shortfall (against the pool limit and the machine's available
     memory) and the model-count limit are met; then every victim not needed to meet them is spared, newest
-    first, so the victim set frees no more than needed.
+    first, so the victim set frees no more than needed. ``reserved`` bytes and ``reserved_models`` models are
+    loads in flight: they count as used.
     """
     in_use = sum(e.nbytes for e in entries) + reserved
     to_free = max(in_use + needed - limit, needed - available, 0)
-    models = sum(1 for e in entries if e.parent is None)
+    models = sum(1 for e in entries if e.parent is None) + reserved_models
     models_to_free = max(models + 1 - max_models, 0) if adds_model else 0
     units = evictable_units(entries)
     base = Admission(

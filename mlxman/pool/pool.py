@@ -258,6 +258,7 @@ class ModelPool:
         # Bytes admitted for loads in flight, and bytes of entries out of the pool but not freed yet: both
         # count against the budget until the memory is really taken or really given back.
         self._reserved: dict[str, int] = {}
+        self._reserved_models: set[str] = set()
         self._freeing: dict[_Entry, int] = {}
         self._lock = threading.RLock()
         # Notified whenever memory may have become available to a waiting load.
@@ -609,6 +610,7 @@ class ModelPool:
                 # In one step, so the bytes are never counted twice nor dropped.
                 self._entries[key] = entry
                 self._reserved.pop(key, None)
+                self._reserved_models.discard(key)
                 self._memory_changed.notify_all()
         except BaseException:
             loaded = weights = None
@@ -617,6 +619,7 @@ class ModelPool:
             raise
         finally:
             with self._memory_changed:
+                self._reserved_models.discard(key)
                 if self._reserved.pop(key, None) is not None:
                     self._memory_changed.notify_all()
         if entry.accounted > estimated + kv:
@@ -651,6 +654,8 @@ class ModelPool:
             # Until the victims are freed their bytes stay counted, and this load holds only the rest;
             # then it holds all it needs (see _free).
             self._reserved[key] = max(needed - sum(self._freeing[e] for e in victims), 0)
+            if adds_model:
+                self._reserved_models.add(key)
         self._free(victims, heir=(key, needed))
 
     def _admission(
@@ -668,6 +673,7 @@ class ModelPool:
                 max_models=self.max_models,
                 adds_model=adds_model,
                 reserved=reserved + sum(self._freeing.values()),
+                reserved_models=len(self._reserved_models),
             )
         # Loads in flight become entries, and frees finish; only pins and the caller's own holds stay.
         holds = [e.key for e in settled]
