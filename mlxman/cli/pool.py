@@ -359,8 +359,8 @@ def render_estimate(e: dict[str, Any], source: str) -> None:
         ),
         ("Pool", f"limit {format_bytes(e['limit_bytes'])}, {format_bytes(e['in_use_bytes'])} in use"),
         ("Machine", f"{format_bytes(e['available_bytes'])} available"),
-        ("Resident", escape(", ".join(e.get("resident") or [])) or "none"),
-        ("Would evict", escape(", ".join(e.get("would_evict") or [])) or "nothing"),
+        ("Resident", escape(", ".join(short_names(resident).values())) or "none"),
+        ("Would evict", escape(", ".join(short_names(e.get("would_evict") or []).values())) or "nothing"),
         ("Fits", verdict),
         ("Asked", source),
     ]
