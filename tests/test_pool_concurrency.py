@@ -399,8 +399,6 @@ def test_a_short_request_with_keep_alive_0_ends_while_a_long_one_runs(
     """
     from mlx_lm import stream_generate
 
-    from mlxman.generate import thread_stream
-
     pool = ModelPool(GIB, keep_alive=-1)
     model = str(endless_model.resolve())
     a, b = str(demo_kit.adapters["colors"]), str(demo_kit.adapters["numbers"])
@@ -425,10 +423,7 @@ def test_a_short_request_with_keep_alive_0_ends_while_a_long_one_runs(
 
     def long_b() -> str:
         with pool.acquire(model, b) as lease:
-            tokens = stream_generate(
-                lease.model, lease.tokenizer, [1, 2, 3], max_tokens=10**7, stream=thread_stream()
-            )
-            for _ in tokens:
+            for _ in stream_generate(lease.model, lease.tokenizer, [1, 2, 3], max_tokens=10**7):
                 b_tokens[0] += 1
                 if b_stop.is_set():
                     return "stopped"
