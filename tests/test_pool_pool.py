@@ -290,6 +290,34 @@ def test_estimate_of_resident_entries_shows_their_size(demo_kit: DemoKit) -> Non
     pool.close()
 
 
+def test_a_load_measured_over_its_estimate_evicts_until_within_budget(
+    demo_kit: DemoKit, tmp_path: Path
+) -> None:
+    """Arrays a model makes at init are not in its files (llama3 RoPE keeps its frequencies): it is bigger."""
+    plain = copy_model(demo_kit, tmp_path / "plain")
+    roped = copy_model(demo_kit, tmp_path / "roped")
+    config = json.loads((Path(roped) / "config.json").read_text())
+    config["max_position_embeddings"] = 131072
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    (Path(roped) / "config.json").write_text(json.dumps(config))
+    budget = ModelPool(GIB).estimate(plain).needed_bytes + ModelPool(GIB).estimate(roped).needed_bytes
+    pool = ModelPool(budget)
+    pool.load(plain)
+    pool.load(roped)  # fits by its estimate
+    loaded = next(e for e in pool.status().entries if e.key == roped)
+    assert loaded.measured_bytes is not None and loaded.measured_bytes > loaded.estimated_bytes
+    assert loaded.accounted_bytes == loaded.measured_bytes + loaded.kv_bytes
+    # The pool went over by what the estimate missed, so it evicted the idle model to be within budget again.
+    assert keys(pool) == [roped] and pool.status().used_bytes <= budget
+    pool.close()
+
+
 def test_adapter_validation_is_never_skipped(
     demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
