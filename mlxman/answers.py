@@ -88,8 +88,7 @@ def run_answer(
         answer.key, answer.kind = lease.key, lease.kind
         answer.load_seconds, answer.swap_seconds = lease.load_seconds, lease.swap_seconds
         answer.base_was_resident = lease.base_was_resident
-        context = getattr(lease, "context_tokens", None) or pool.context_tokens
-        generation = _generation_for(lease, request, context)
+        generation = _generation_for(lease, request, lease.context_tokens)
         answer.stats = generation.stats
         for piece in generation:
             answer.text += piece

@@ -213,7 +213,7 @@ def test_a_prompt_over_the_context_is_a_clear_error(demo_kit: DemoKit) -> None:
     proc = run_subprocess(
         "generate", "--model", str(demo_kit.model), "--prompt", prompt, "--max-tokens", "16"
     )
-    assert_clean_error(proc, 2, "max_tokens is 16", "over the context of", "--context")
+    assert_clean_error(proc, 2, "max_tokens is 16", "over the context of", "--context-length")
     assert re.search(r"The prompt has \d+ tokens", proc.stderr)
 
 

@@ -14,7 +14,7 @@ from mlxman.errors import ContextError
 from mlxman.generate import GenerationRequest, TextGeneration, fit_context, prompt_tokens
 from mlxman.pool import ModelPool
 from mlxman.server.jobs import CallJob, Event, Failed, Finished, GenerationJob, Piece, Started
-from mlxman.server.state import ServerShuttingDown, shutting_down
+from mlxman.server.state import ServerConfig, ServerShuttingDown, ServerState, shutting_down
 from mlxman.server.workers import Workers
 from tests.server_models import LONG_CONTEXT, long_context_copy, long_prompt
 
@@ -142,9 +142,7 @@ def long_model(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def make_job(pool: ModelPool, model: Path, request: GenerationRequest) -> GenerationJob:
     loop = asyncio.get_running_loop()
-    return GenerationJob(
-        str(model), lambda: pool.acquire(str(model)), request, context_tokens=pool.context_tokens, loop=loop
-    )
+    return GenerationJob(str(model), lambda: pool.acquire(str(model)), request, loop=loop)
 
 
 def test_a_job_cancelled_while_queued_loads_nothing(demo_kit: DemoKit) -> None:
@@ -265,3 +263,27 @@ def test_shutdown_during_prefill_ends_the_job_with_the_shutdown_error(long_model
 
         events = asyncio.run(main())
         assert isinstance(events[-1], Failed) and isinstance(events[-1].error, ServerShuttingDown)
+
+
+def test_a_request_that_leaves_while_queued_ends_at_once(demo_kit: DemoKit) -> None:
+    """Its job leaves the queue and ends, without waiting for the busy base's turn."""
+    with ModelPool(1 << 30) as pool:
+        state = ServerState(pool, ServerConfig(workers=1))
+        blocker = Blocking(str(demo_kit.model), [], "blocker")
+
+        async def main() -> Event:
+            state.workers.submit(blocker, shutting_down())
+            job = make_job(pool, demo_kit.model, GenerationRequest(prompt="red", max_tokens=4))
+            state.submit(job)
+            assert blocker.started.wait(10) and state.workers.queued == 1
+            state.release(job)
+            return await anext(job.events())
+
+        try:
+            event = asyncio.run(main())
+            assert isinstance(event, Finished) and event.finish_reason == "cancelled"
+            assert state.workers.queued == 0 and not state.jobs and not blocker.done.is_set()
+        finally:
+            blocker.release.set()
+            assert state.close(30)
+        assert pool.status().entries == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import AbstractContextManager
@@ -23,6 +24,7 @@ from mlxman.pool import Lease
 # What the pool's ``acquire`` gives for one request, bound to its model and adapter.
 Acquire = Callable[[], AbstractContextManager[Lease, bool | None]]
 T = TypeVar("T")
+log = logging.getLogger("mlxman.server")
 
 CONTEXT_HINT = (
     "shorten the prompt or lower max_tokens, or send truncate_prompt_tokens "
@@ -118,14 +120,12 @@ class GenerationJob:
         request: GenerationRequest,
         stops: Sequence[str] = (),
         *,
-        context_tokens: int,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.lane = lane
         self.request = request
         self._acquire = acquire
         self._stops = stops
-        self._context_tokens = context_tokens
         self._cancelled = threading.Event()
         self._reason: BaseException | None = None
         self._loop = loop or asyncio.get_running_loop()
@@ -167,6 +167,13 @@ class GenerationJob:
             self.cancel()
 
     def _stopped(self, stats: GenerationStats) -> Finished | Failed:
+        if stats.prefilled_tokens < stats.prompt_tokens:
+            log.info(
+                "stopped %s while reading its prompt (%d of %d tokens)",
+                self.lane,
+                stats.prefilled_tokens,
+                stats.prompt_tokens,
+            )
         return Failed(self._reason) if self._reason is not None else Finished(stats, "cancelled")
 
     def _generate(self) -> Finished | Failed:
@@ -180,9 +187,8 @@ class GenerationJob:
                     f"This model is a {lease.kind} model; it cannot generate text here",
                     "use /v1/embeddings for embeddings models" if lease.kind == "embeddings" else None,
                 )
-            context = getattr(lease, "context_tokens", None) or self._context_tokens
             prompt = prompt_tokens(lease.tokenizer, self.request)
-            tokens = fit_context(prompt, self.request, context, CONTEXT_HINT)
+            tokens = fit_context(prompt, self.request, lease.context_tokens, CONTEXT_HINT)
             generation = TextGeneration(
                 lease.model, lease.tokenizer, tokens, self.request, should_stop=self._cancelled.is_set
             )

@@ -115,20 +115,19 @@ async def _complete(
         lambda: state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive),
         generation,
         body.stop_sequences(),
-        context_tokens=state.pool.context_tokens,
     )
     state.submit(job)
     shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.key)
     if not body.stream:
         try:
-            return await _collect(job, shape, prefix, request)
+            return await _collect(state, job, shape, prefix, request)
         finally:
             state.release(job)
     # Wait until the model is held and the prompt fits before sending headers, so that a failed load or an
     # over-long prompt is still a plain 4xx; from then on (prefill included) errors arrive as stream events.
     events = job.events()
     try:
-        first = await _first_event(events, request, job)
+        first = await _first_event(state, events, request, job)
         if isinstance(first, Failed):
             _raise(first.error)
     except BaseException:
@@ -139,12 +138,14 @@ async def _complete(
     return EventStream(stream, on_close=lambda: state.release(job))
 
 
-async def _collect(job: GenerationJob, shape: _Shape, prefix: str, request: Request) -> dict[str, Any]:
+async def _collect(
+    state: ServerState, job: GenerationJob, shape: _Shape, prefix: str, request: Request
+) -> dict[str, Any]:
     text = prefix
     outcome: Finished | Failed | None = None
     async with anyio.create_task_group() as group:
         # A client that hangs up on a non-streamed request also stops its generation (prefill included).
-        group.start_soon(_cancel_on_disconnect, request, job)
+        group.start_soon(_cancel_on_disconnect, state, request, job)
         async with aclosing(job.events()) as events:
             async for event in events:
                 if isinstance(event, Piece):
@@ -159,15 +160,17 @@ async def _collect(job: GenerationJob, shape: _Shape, prefix: str, request: Requ
     return shape.whole(text, outcome)
 
 
-async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
+async def _cancel_on_disconnect(state: ServerState, request: Request, job: GenerationJob) -> None:
     while not await request.is_disconnected():
         await anyio.sleep(0.25)
-    job.cancel()
+    state.cancel(job)
 
 
-async def _first_event(events: AsyncGenerator[Event, None], request: Request, job: GenerationJob) -> Event:
+async def _first_event(
+    state: ServerState, events: AsyncGenerator[Event, None], request: Request, job: GenerationJob
+) -> Event:
     async with anyio.create_task_group() as group:
-        group.start_soon(_cancel_on_disconnect, request, job)
+        group.start_soon(_cancel_on_disconnect, state, request, job)
         first = await anext(events)
         group.cancel_scope.cancel()
     return first

@@ -75,10 +75,15 @@ class ServerState:
         self.jobs.add(job)
         self.workers.submit(job, shutting_down())
 
-    def release(self, job: Job) -> None:
-        """The request is over: stop its work (dropped from the queue, or cancelled at its next step)."""
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: if it waits in the queue it ends now, else a worker stops it at its next step."""
         job.cancel()
-        self.workers.discard(job)
+        if self.workers.discard(job):
+            job.run()  # cancelled, it does no model work: it only reports its end to whoever waits
+
+    def release(self, job: Job) -> None:
+        """The request is over: stop its work and stop counting it."""
+        self.cancel(job)
         self.jobs.discard(job)
 
     async def call(self, lane: str | None, fn: Callable[[], T], *, counted: bool = True) -> T:
