@@ -341,64 +341,180 @@ interpreter's own floor.
     return text, [verdict]
 
 
+def _plot_server(load: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    styles = {0: "-", 2: ":", 4: "--", 8: "-."}
+    for side, colour, label in (
+        ("mlx_lm", "tab:orange", "mlx-lm server"),
+        ("mlxman", "tab:blue", "mlxman serve"),
+    ):
+        for n in sorted({r["adapters"] for r in load}):
+            rows = [r for r in load if r["adapters"] == n]
+            if len(rows) < 2:
+                continue  # a case measured at one client count is in the table, not a line
+            ax.plot(
+                [r["clients"] for r in rows],
+                [r[side]["tps"] for r in rows],
+                styles.get(n, "-"),
+                color=colour,
+                marker="o" if side == "mlxman" else "s",
+                label=f"{label}, {rows[0]['case']}",
+            )
+    ax.set_xscale("log", base=2)
+    clients = sorted({r["clients"] for r in load})
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("Serving under load: mlxman vs mlx-lm's server")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _ttft(run: dict[str, Any]) -> str:
+    return "-" if run["ttft_p50"] is None else f"{_seconds(run['ttft_p50'])} / {_seconds(run['ttft_p95'])}"
+
+
+def _failed(run: dict[str, Any]) -> str:
+    return f" ({len(run['errors'])} failed)" if run["errors"] else ""
+
+
 def server_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]]:
-    warm = r["warm"]
-    body = table(
+    _plot_server(r["load"], docs / PLOTS / "server-throughput.png")
+    spec = r["spec"]
+    load = table(
         [
-            "request",
-            "`mlxman serve` (OpenAI client)",
-            "in-process (pool + TextGeneration)",
-            "server / in-process",
-        ],
-        [
-            [
-                f"chat completion, {warm['completion_tokens']} tokens",
-                ms(warm["server_s"]),
-                ms(warm["in_process_s"]),
-                f"**{warm['ratio']:.3f}x**",
-            ]
-        ],
-    )
-    conc = table(
-        [
-            "adapters requested",
+            "case",
             "clients",
             "requests",
-            "completion tokens",
-            "wall time",
-            "aggregate tok/s",
-            "vs one in-process stream",
+            "mlx-lm tok/s",
+            "mlxman tok/s",
+            "mlxman / mlx-lm",
+            "TTFT p50 / p95, mlx-lm",
+            "TTFT p50 / p95, mlxman",
+            "same text",
         ],
         [
             [
-                x["scenario"],
+                x["case"],
                 x["clients"],
-                x["requests"],
-                x["tokens"],
-                f"{x['seconds']:.1f} s",
-                f"{x['tps']:.1f}",
-                f"{x['vs_in_process']:.2f}x",
+                x["mlxman"]["requests"],
+                f"{x['mlx_lm']['tps']:.1f}{_failed(x['mlx_lm'])}",
+                f"{x['mlxman']['tps']:.1f}{_failed(x['mlxman'])}",
+                f"**{x['ratio']:.2f}x**",
+                _ttft(x["mlx_lm"]),
+                _ttft(x["mlxman"]),
+                f"{x['same_text']:.0%}",
             ]
-            for x in r["concurrency"]
+            for x in r["load"]
         ],
     )
-    text = f"""## 6. The server: warm latency and concurrent clients
+    prefix = table(
+        [
+            "server",
+            "clients",
+            "prompt tokens (turn 2)",
+            "turn 1 TTFT p50",
+            "turn 2 TTFT p50 / p95, shared prefix",
+            "cached tokens reported",
+            "turn 2 TTFT p50 / p95, fresh prefix",
+            "shared / fresh",
+        ],
+        [
+            [
+                "mlx-lm server" if side == "mlx_lm" else "mlxman serve",
+                p["clients"],
+                ", ".join(str(t) for t in p[side]["fresh_prefix"]["prompt_tokens"]),
+                _seconds(p[side]["first_turn"]["ttft_p50"]),
+                _ttft(p[side]["shared_prefix"]),
+                ", ".join("-" if c is None else str(c) for c in p[side]["cached_tokens"]) or "-",
+                _ttft(p[side]["fresh_prefix"]),
+                f"**{p[side]['ratio']:.2f}x**",
+            ]
+            for p in r["prefix"]
+            for side in ("mlx_lm", "mlxman")
+        ],
+    )
+    servers = r["servers"]
+    threads = "; ".join(
+        f"{name} {servers[key]['before']['threads']} -> {servers[key]['after']['threads']} OS threads (after "
+        f"each cell: {', '.join(str(t) for t in servers[key]['threads_by_cell'])}), RSS "
+        f"{mib(servers[key]['before']['rss_bytes'])} -> {mib(servers[key]['after']['rss_bytes'])}"
+        for key, name in (("mlx_lm", "mlx-lm"), ("mlxman", "mlxman"))
+    )
+    problems = [
+        f"- {name}: `{line.replace('`', chr(39))}`"
+        for key, name in (("mlx_lm", "mlx-lm"), ("mlxman", "mlxman"))
+        for line in servers[key]["log_problems"]
+    ]
+    problem_text = (
+        "Lines of the servers' logs that report a problem:\n\n" + "\n".join(problems)
+        if problems
+        else "Neither server logged an error."
+    )
+    text = f"""## 6. The server under load: `mlxman serve` vs `python -m mlx_lm server`
 
-`mlxman serve` as a subprocess on a free port, preloading base `{r["model"]}` with two adapters;
-requests through
-the official `openai` client, greedy, `max_tokens` {warm["max_tokens"]}. Warm latency alternates
-one server request
-with one in-process answer of the same prompt; the ratio is the median of the pairs' ratios.
+Both servers run at once, each in its own process, on the same random-weight llama
+(`{r["model"]}`: hidden {spec["hidden"]}, {spec["layers"]} blocks, {r["dtype"]}), with their default settings;
+mlxman preloads the base and every adapter. Requests go through the official `openai` client, streamed,
+greedy, `max_tokens` {r["max_tokens"]}, client *i* sending the *i*-th of 8 short prompts; each cell runs on
+one server, then on the other, the order alternating from cell to cell, {r["rounds"]} round(s). Aggregate
+tokens/s are all completion tokens over the wall time from releasing the clients together to the last answer;
+time to first token (TTFT) is to the first chunk carrying text. Adapters are rank-{r["adapter_rank"]} LoRA on
+every linear, spread over the requests (the *k*-th request goes to adapter *k* mod *n*); mlxman names them
+`BASE::ADAPTER`, mlx-lm takes `"adapters": PATH` in the body. mlx-lm's server batches only requests for the
+model and adapter it has loaded: a request for another adapter makes it finish the running batch, then reload
+the whole base with the new adapter from disk. "Same text" is the share of requests whose greedy answer is
+identical on both servers.
 
-{body}
+{load}
 
-Aggregate throughput: N client threads, each with its own client, each sending requests one after another. The
-server answers requests on one base one at a time (see docs/server.md), so aggregate tokens/s stays near one
-stream's; "two adapters, alternating" makes consecutive requests switch adapters on the one resident base.
+![aggregate tokens/s against clients](benchmarks/server-throughput.png)
 
-{conc}
+A long shared system prompt in a two-turn chat, per client: turn 1 under the system prompt, then turn 2
+(the first turn's prefix plus the answer and a new question), then the same turn 2 under a system prompt with
+a fresh tag in front, which no earlier request shares: the same length, no prefix to reuse. "Shared / fresh"
+compares the two turn-2 TTFTs (p50): what a prefix cache saves. mlx-lm's server keeps an LRU prompt cache
+(10 entries by default); "cached tokens" is what each server reports in `usage.prompt_tokens_details`.
+
+{prefix}
+
+Server processes from after the warm-up to the end: {threads}.
+
+{problem_text}
 """
-    return text, []
+    verdicts = []
+    for v in r["verdicts"]:
+        value = v["value"]
+        target = f"{v['direction']} {v['target']:.1f}x"
+        if value is None:
+            verdicts.append(
+                Verdict(f"Server: {v['what']} {target}", "not measured", None, "not in this plan")
+            )
+            continue
+        met = value >= v["target"] if v["direction"] == ">=" else value <= v["target"]
+        verdicts.append(
+            Verdict(
+                f"Server: {v['what']} {target}",
+                f"{value:.3f}x",
+                met,
+                ("met" if met else "not met")
+                + f" ({r['max_tokens']} tokens per request, {r['rounds']} round(s); target {target}).",
+            )
+        )
+    return text, verdicts
 
 
 def bad_input_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]]:
