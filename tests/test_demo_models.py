@@ -120,3 +120,18 @@ def test_vision_generates_text_only(loaded_vision: tuple[Any, Any]) -> None:
 
 def test_vision_build_is_deterministic(vision_model: Path, tmp_path: Path) -> None:
     assert _same_files(vision_model, build_vision_model(tmp_path / "again"))
+
+
+def test_a_text_longer_than_the_model_positions_is_truncated_not_nan(
+    loaded_embeddings: tuple[Any, Any],
+) -> None:
+    """The demo BERT has 128 positions: a 1,000-word text is cut to them, never run past them (NaN)."""
+    import math
+
+    from mlxman.embed import embed_texts, max_text_tokens
+
+    model, tokenizer = loaded_embeddings
+    assert max_text_tokens(model, tokenizer) == 128
+    result = embed_texts(model, tokenizer, ["word " * 1000, "red green blue"])
+    assert all(math.isfinite(x) for vector in result.vectors for x in vector)
+    assert result.prompt_tokens <= 2 * 128
