@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 
 from typer.testing import CliRunner
 
 from mlxman.cli.app import app
 
 HEAVY_MODULES = ("mlx_lm", "mlx_vlm", "mlx_embeddings", "transformers")
+# A call that has not returned by then is blocked (a FIFO opened without O_NONBLOCK, say), not slow.
+HANG_SECONDS = 120
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -46,3 +50,21 @@ def imported_heavy_modules(*args: str) -> list[str]:
 
     last = proc.stderr.strip().splitlines()[-1]
     return list(json.loads(last))
+
+
+def finishes(call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread; return what it raised (None if nothing). Fails when it never returns."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(HANG_SECONDS)
+    assert not thread.is_alive(), "blocked (a FIFO was opened without O_NONBLOCK?)"
+    return outcome[0]

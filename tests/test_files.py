@@ -7,10 +7,8 @@ import os
 import re
 import shutil
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,30 +16,10 @@ from mlxman import files
 from mlxman.demo import DemoKit
 from mlxman.errors import AdapterError, ConfigError, MlxmanError, ModelError, NotFoundError
 from mlxman.files import FileProblem
-from tests.helpers import run_cli, run_subprocess
+from tests.helpers import finishes, run_cli, run_subprocess
 
 GIB = 1024**3
-# A hang detector, not a timing assertion: a FIFO that blocks never finishes at all.
-HANG_SECONDS = 120
 LONG_NAME = "n" * 300
-
-
-def finishes(call: Callable[[], Any]) -> BaseException | None:
-    """Run ``call`` in a thread; return what it raised (None if nothing). Fails when it never returns."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(HANG_SECONDS)
-    assert not thread.is_alive(), "blocked (a FIFO was opened without O_NONBLOCK?)"
-    return outcome[0]
 
 
 def nested_json(depth: int) -> str:

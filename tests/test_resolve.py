@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from mlxman.errors import MlxmanError, ModelError, NotFoundError
 from mlxman.models.resolve import read_config, resolve_model
+from tests.helpers import finishes
 
 LONG_NAME = "n" * 300
 
@@ -72,24 +72,6 @@ def fifo(path: Path) -> None:
 def loop(path: Path) -> None:
     path.symlink_to(path.name + ".other")
     path.with_name(path.name + ".other").symlink_to(path.name)
-
-
-def finishes(call: Callable[[], object]) -> BaseException | None:
-    """What ``call`` raised (None if nothing); fails when it never returns (a FIFO opened blocking)."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(120)
-    assert not thread.is_alive(), "blocked"
-    return outcome[0]
 
 
 @pytest.mark.parametrize(
