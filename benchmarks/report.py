@@ -469,7 +469,8 @@ def server_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]]:
 Both servers run at once, each in its own process, on the same random-weight llama
 (`{r["model"]}`: hidden {spec["hidden"]}, {spec["layers"]} blocks, {r["dtype"]}), with their default settings;
 mlxman preloads the base and every adapter. Requests go through the official `openai` client, streamed,
-greedy, `max_tokens` {r["max_tokens"]}, client *i* sending the *i*-th of 8 short prompts; each cell runs on
+greedy, `max_tokens` {r["max_tokens"]}, client *i* sending the *i*-th of 8 short prompts, each behind a fresh
+tag so that no prompt cache can skip a prefill (the shared-prefix case below measures that); each cell runs on
 one server, then on the other, the order alternating from cell to cell, {r["rounds"]} round(s). Aggregate
 tokens/s are all completion tokens over the wall time from releasing the clients together to the last answer;
 time to first token (TTFT) is to the first chunk carrying text. Adapters are rank-{r["adapter_rank"]} LoRA on

@@ -3,9 +3,11 @@
 Both servers run at once on the same random-weight llama, each in its own process; every cell (a case and a
 number of clients) runs on one, then on the other, the order alternating from cell to cell and round to round,
 so drift on a shared machine hits both alike. Requests go through the official ``openai`` client, streamed,
-greedy, with the same prompts and ``max_tokens``. Cases: one base; 2, 4 and 8 LoRA adapters spread over the
-clients; and a multi-turn chat under a long shared system prompt, whose second turn is timed against the same
-turn under a system prompt no earlier request shares (so no prefix can be reused).
+greedy, with the same prompts and ``max_tokens``; each load prompt is new to both servers (a repeated prompt
+would let mlx-lm's prompt cache skip its prefill, which is the prefix case's business). Cases: one base; 2, 4
+and 8 LoRA adapters spread over the clients; and a multi-turn chat under a long shared system prompt, whose
+second turn is timed against the same turn under a system prompt no earlier request shares (so no prefix can
+be reused).
 
 ``python -m benchmarks --only server [--quick]`` runs it in the suite; ``python -m benchmarks.server`` runs it
 alone and prints the results (``--help``).
