@@ -364,7 +364,7 @@ def _server_rows(work: Path, model: Path, good: Path, places: dict[str, str]) ->
             )
             check(
                 "path component of 300 characters",
-                404,
+                400,
                 "POST",
                 "/v1/completions",
                 json={**completion, "model": "m" * 300},
