@@ -36,6 +36,12 @@ DEFAULT_MAX_MODELS = 8
 MAX_MAX_MODELS = 1024
 # Seconds a load waits for requests in flight to release memory before it is refused.
 DEFAULT_ADMISSION_TIMEOUT = 60.0
+# The serving engine (``serve``): LoRA slots per base and their largest rank (vLLM's --max-loras 8 and
+# --max-lora-rank 16), rows decoded together (mlx-lm's server: 32) and requests waiting per base.
+DEFAULT_ADAPTER_SLOTS = 8
+DEFAULT_MAX_LORA_RANK = 16
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_QUEUE = 256
 
 # `context_tokens` is the older name of `context_length`, still read.
 CONFIG_KEYS = {"memory_limit", "keep_alive", "host", "port", "context_length", "context_tokens", "max_models"}

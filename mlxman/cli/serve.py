@@ -14,7 +14,11 @@ from mlxman.memory import resolve_budget, system_memory
 from mlxman.output import out
 from mlxman.settings import (
     API_KEY_ENV,
+    DEFAULT_ADAPTER_SLOTS,
     DEFAULT_KEEP_ALIVE,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     HOST_ENV,
     load_config,
@@ -67,6 +71,32 @@ def serve(
             "pool admin endpoints name paths outside the --adapter-root folders.",
         ),
     ] = None,
+    adapter_slots: Annotated[
+        int,
+        typer.Option(
+            "--adapter-slots",
+            help="LoRA adapters per base that share a batch (requests for different adapters in one forward "
+            "pass); 0 runs every adapter swapped in, alone.",
+            min=0,
+        ),
+    ] = DEFAULT_ADAPTER_SLOTS,
+    max_lora_rank: Annotated[
+        int,
+        typer.Option(
+            "--max-lora-rank",
+            help="Largest LoRA rank a slot holds; an adapter above it (or DoRA) runs swapped in, alone.",
+            min=1,
+        ),
+    ] = DEFAULT_MAX_LORA_RANK,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Most requests decoded together per base.", min=1)
+    ] = DEFAULT_MAX_BATCH,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue", help="Most requests waiting per base; beyond it a request gets 429.", min=1
+        ),
+    ] = DEFAULT_MAX_QUEUE,
 ) -> None:
     """Serve the pool over HTTP: OpenAI-compatible /v1 endpoints plus pool admin; stop with Ctrl-C."""
     from mlxman.pool import parse_keep_alive
@@ -90,6 +120,10 @@ def serve(
         admin_key=api_key_from_env(admin_key_env, None, "--admin-key-env"),
         context_tokens=limits.context_tokens,
         max_models=limits.max_models,
+        adapter_slots=adapter_slots,
+        max_lora_rank=max_lora_rank,
+        max_batch=max_batch,
+        max_queue=max_queue,
     )
     if options.admin_key and options.admin_key == options.api_key:
         raise UsageError("The admin key is the same as the API key", f"give {admin_key_env} a key of its own")

@@ -181,6 +181,8 @@ class Batch:
             prefill_step_size=prefill_step_size,
         )
         self._rows: set[int] = set()
+        # Prompt tokens read so far by each row still prefilling (how far a cancelled prefill got).
+        self._prefilled: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -200,14 +202,21 @@ class Batch:
             self._generator.remove([uid])
             self._rows.discard(uid)
 
+    def prefilled(self, uid: int) -> int:
+        """Prompt tokens a row that left while prefilling had read (forgotten once asked)."""
+        return self._prefilled.pop(uid, 0)
+
     def step(self) -> list[Token]:
         """One decode step for the rows generating, and one prefill chunk for the rows joining."""
         if not self._rows:
             return []
-        _, responses = self._generator.next()
+        prompts, responses = self._generator.next()
+        for p in prompts:
+            self._prefilled[int(p.uid)] = int(p.progress[0])
         tokens = []
         for r in responses:
             tokens.append(Token(int(r.uid), int(r.token), r.finish_reason))
+            self._prefilled.pop(int(r.uid), None)
             if r.finish_reason is not None:
                 self._rows.discard(int(r.uid))
         return tokens

@@ -135,6 +135,7 @@ class Row:
         if not stats.generation_tokens:
             self._first = now
             stats.time_to_first_token = now - self._submitted
+            stats.prefilled_tokens = stats.prompt_tokens
             stats.prompt_tps = stats.prompt_tokens / max(now - self._joined, 1e-9)
         stats.generation_tokens += 1
         if stats.generation_tokens > 1:

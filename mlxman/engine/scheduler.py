@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +91,16 @@ class AdapterSwap:
             self._applied = None
 
 
+class Runner(Protocol):
+    """Long-lived threads to run engine loops on, reused from one engine to the next.
+
+    MLX keeps OS threads per thread that ran on a stream, even after ``mx.clear_streams()``: a thread per
+    engine would leak them each time a base is unloaded and loaded again. A runner's thread enters
+    mlx-lm's generation stream once and clears its streams only when it ends."""
+
+    def run(self, loop: Callable[[], None]) -> None: ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_rows: int = DEFAULT_MAX_ROWS
@@ -108,6 +118,9 @@ class EngineStatus:
     kv_bytes: int
     slot_adapters: tuple[str, ...]
     swapped_adapter: str | None
+    # Forward passes that generated tokens, and the tokens they generated: more tokens than steps is batching.
+    decode_steps: int = 0
+    tokens: int = 0
 
 
 class Engine:
@@ -123,6 +136,7 @@ class Engine:
         grant: MemoryGrant | None = None,
         swap: SwapPath | None = None,
         name: str = "base",
+        runner: Runner | None = None,
     ) -> None:
         why = cannot_batch(model)
         if why is not None:
@@ -144,10 +158,16 @@ class Engine:
         self._slot_bytes = bank.nbytes if bank is not None else 0
         self._slot_adapters: tuple[str, ...] = ()
         self._batch: Batch | None = None
+        self._decode_steps = 0
+        self._tokens = 0
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"mlxman-engine-{name}", daemon=True)
-        self._thread.start()
+        self._ended = threading.Event()
+        self._ident: int | None = None
+        if runner is None:
+            threading.Thread(target=self._run, name=f"mlxman-engine-{name}", daemon=True).start()
+        else:
+            runner.run(self._run_on_runner)
         self._started.wait()
         if self._startup_error is not None:
             raise self._startup_error
@@ -195,7 +215,14 @@ class Engine:
             kv_bytes=self._kv_bytes,
             slot_adapters=self._slot_adapters,
             swapped_adapter=str(wearing.path) if wearing is not None else None,
+            decode_steps=self._decode_steps,
+            tokens=self._tokens,
         )
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's thread still runs (it ends once closed and its rows have ended)."""
+        return not self._ended.is_set()
 
     def forget(self, adapter: AdapterWeights) -> None:
         """Clear ``adapter``'s slot once no row uses it (the pool evicted it); its memory leaves the grant."""
@@ -209,8 +236,8 @@ class Engine:
             self._closing = True
             self._close_reason = reason
             self._cond.notify()
-        if threading.current_thread() is not self._thread:  # a callback may close its own engine
-            self._thread.join(timeout)
+        if threading.get_ident() != self._ident:  # a callback may close its own engine
+            self._ended.wait(timeout)
 
     def _wake(self) -> None:
         with self._cond:
@@ -225,11 +252,19 @@ class Engine:
         # MLX streams belong to threads: everything this thread runs goes on its own generation stream.
         try:
             with mx.stream(generation_stream):
-                self._loop()
+                self._run_on_runner()
         finally:
             # Without this, a thread's streams outlive it, and compiled functions run on them make the
             # process abort at exit ("terminate called without an active exception").
             mx.clear_streams()
+
+    def _run_on_runner(self) -> None:
+        """The engine's loop, on a thread already on mlx-lm's generation stream."""
+        self._ident = threading.get_ident()
+        try:
+            self._loop()
+        finally:
+            self._ended.set()
 
     def _loop(self) -> None:
         try:
@@ -375,6 +410,9 @@ class Engine:
         except Exception as exc:  # a failed forward fails the rows in it, not the engine
             self._fail_batch(exc)
             return
+        if tokens:
+            self._decode_steps += 1
+            self._tokens += len(tokens)
         for t in tokens:
             row = self._active.get(t.uid)
             if row is None:
@@ -389,6 +427,9 @@ class Engine:
         import mlx.core as mx
 
         self._leave_batch(row)
+        if not row.stats.generation_tokens:  # ended while reading its prompt: say how far it got
+            assert self._batch is not None and row.uid is not None
+            row.stats.prefilled_tokens = self._batch.prefilled(row.uid)
         row.finish(reason, int(mx.get_peak_memory()))
 
     def _leave_batch(self, row: Row) -> None:

@@ -56,6 +56,26 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """A model (and adapter entry) held in use without the base's lock: for the engine, which runs the base
+    itself and wears adapters per row. Nothing is swapped; call ``release`` once when the request ends."""
+
+    key: str
+    base_key: str
+    kind: str
+    model: Any
+    tokenizer: Any
+    adapter: AdapterWeights | None
+    context_tokens: int
+    kv_bytes_per_token: int
+    release: Callable[[], None]
+
+
+# Called with (key, parent key, adapter weights) for each entry about to be freed, before its memory goes.
+FreeWatcher = Callable[[str, str | None, AdapterWeights | None], None]
+
+
+@dataclass(frozen=True)
 class EntryStatus:
     key: str
     kind: str
@@ -72,11 +92,16 @@ class EntryStatus:
     keep_alive: float
     expires_at: float | None
     expires_in: float | None
+    # A base served by the engine: its adapter slots, and the KV of the batch running now.
+    slot_bytes: int = 0
+    batch_kv_bytes: int = 0
 
     @property
     def accounted_bytes(self) -> int:
-        """What the pool counts against its budget: the larger of estimated and measured weights, plus KV."""
-        return max(self.estimated_bytes, self.measured_bytes or 0) + self.kv_bytes
+        """What the pool counts against its budget: the larger of estimated and measured weights, the
+        adapter slots, and KV (one context's, or the batch's when it needs more)."""
+        weights = max(self.estimated_bytes, self.measured_bytes or 0)
+        return weights + self.slot_bytes + max(self.kv_bytes, self.batch_kv_bytes)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "accounted_bytes": self.accounted_bytes}
@@ -159,11 +184,17 @@ class _Entry:
     applied: _Entry | None = None
     applied_state: Applied | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    kv_bytes_per_token: int = 0
+    # Granted to the engine serving this base (see ``grant``): its slots and its batch's KV.
+    slot_bytes: int = 0
+    batch_kv_bytes: int = 0
 
     @property
     def accounted(self) -> int:
         # The estimate is exact for what it covers; a measurement can only show more (arrays made at init).
-        return max(self.estimated_bytes, self.measured_bytes or 0) + self.kv_bytes
+        # The one context of KV admitted at load is the batch's first: only a larger batch adds more.
+        weights = max(self.estimated_bytes, self.measured_bytes or 0)
+        return weights + self.slot_bytes + max(self.kv_bytes, self.batch_kv_bytes)
 
 
 class _Flight:
@@ -270,6 +301,7 @@ class ModelPool:
         self._epoch = 0
         # One load at a time, so each entry's active-memory delta is its own.
         self._load_lock = threading.Lock()
+        self._watchers: list[FreeWatcher] = []
 
     # -- public API
 
@@ -323,6 +355,77 @@ class ModelPool:
             if failed_child is not None:
                 # An adapter that cannot be applied stays out of the pool; the base is left plain.
                 self._drop_if_idle(failed_child)
+
+    def hold(
+        self,
+        model: str,
+        adapter: str | None = None,
+        *,
+        kind: str | None = None,
+        keep_alive: float | None = None,
+    ) -> Hold:
+        """Load what is missing and hold it in use (not evictable) until ``release``; the base's lock is not
+        taken and no adapter is swapped in: the caller (the engine) runs the base itself."""
+        plan = self._plan(model, adapter, kind)
+        held: list[_Entry] = []
+        try:
+            base, _, _ = self._reserve(plan, plan.model_key, keep_alive, held)
+            held.append(base)
+            child = base
+            if plan.mode == "child":
+                child, _, _ = self._reserve(plan, plan.key, keep_alive, held)
+                held.append(child)
+        except BaseException:
+            self._release(held, keep_alive)
+            raise
+        assert base.loaded is not None
+        self._activity(+1)
+        once = threading.Lock()
+
+        def release() -> None:
+            if once.acquire(blocking=False):
+                self._activity(-1)
+                self._release(held, keep_alive)
+
+        return Hold(
+            key=plan.key,
+            base_key=base.key,
+            kind=base.kind,
+            model=base.loaded.model,
+            tokenizer=base.loaded.tokenizer,
+            adapter=child.adapter if child is not base else None,
+            context_tokens=base.context_tokens,
+            kv_bytes_per_token=base.kv_bytes_per_token,
+            release=release,
+        )
+
+    def grant(self, key: str, slot_bytes: int, batch_kv_bytes: int) -> bool:
+        """Account ``key``'s engine memory (adapter slots, batch KV) from now on; False when more does not fit
+        now (idle entries are evicted for it when that is enough). Shrinking always succeeds."""
+        with self._memory_changed:
+            entry = self._entries.get(key)
+            if entry is None:
+                return True  # unloading: its engine is being closed
+            before = entry.accounted
+            old = entry.slot_bytes, entry.batch_kv_bytes
+            entry.slot_bytes, entry.batch_kv_bytes = slot_bytes, batch_kv_bytes
+            more = entry.accounted - before
+            if more <= 0:
+                self._memory_changed.notify_all()
+                return True
+            entry.slot_bytes, entry.batch_kv_bytes = old
+            adm = self._admission(more, False)
+            if not adm.fits or key in adm.victims:
+                return False
+            victims = [self._entries[k] for unit in adm.victims for k in self._unit_keys(unit)]
+            self._detach(victims)
+            entry.slot_bytes, entry.batch_kv_bytes = slot_bytes, batch_kv_bytes
+        self._free(victims)
+        return True
+
+    def watch(self, watcher: FreeWatcher) -> None:
+        """Call ``watcher`` for every entry about to be freed (an engine closes, or forgets an adapter)."""
+        self._watchers.append(watcher)
 
     def load(
         self,
@@ -388,8 +491,9 @@ class ModelPool:
                 counted.add(plan.model_key)
                 entry = resident.get(plan.model_key)
                 if entry is not None:
-                    weights += entry.accounted - entry.kv_bytes
-                    kv += entry.kv_bytes
+                    weights += max(entry.estimated_bytes, entry.measured_bytes or 0)
+                    kv += max(entry.kv_bytes, entry.batch_kv_bytes)
+                    adapters_total += entry.slot_bytes  # its engine's adapter slots
                     resident_bytes += entry.accounted
                     context = entry.context_tokens
                 else:
@@ -561,6 +665,7 @@ class ModelPool:
                 )
             _validate_adapter(adapter_dir, path)
             estimated, kv, context, adds_model = adapter_bytes(adapter_dir), 0, base.context_tokens, False
+            per_token = 0
         else:
             base = None
             if plan.target.adapter is not None:
@@ -569,6 +674,7 @@ class ModelPool:
             context = model_context(config, self.context_tokens)
             footprint = model_footprint(path, config, plan.kind, context)
             estimated, kv, adds_model = footprint.weights_bytes, footprint.kv_bytes, True
+            per_token = footprint.kv_bytes_per_token
             if plan.mode == "own" and plan.kind == VISION and plan.target.adapter is not None:
                 estimated += adapter_bytes(plan.target.adapter)
         self._admit(key, estimated + kv, adds_model, held)
@@ -598,6 +704,7 @@ class ModelPool:
                 parent=base,
                 estimated_bytes=estimated,
                 kv_bytes=kv,
+                kv_bytes_per_token=per_token,
                 context_tokens=context,
                 measured_bytes=max(delta, 0) if quiet else None,
                 last_used=self._clock(),
@@ -784,6 +891,9 @@ class ModelPool:
                 self._activity(+1)
                 try:
                     for e in gone:
+                        for watcher in self._watchers:
+                            watcher(e.key, e.parent.key if e.parent is not None else None, e.adapter)
+                    for e in gone:
                         if e.parent is not None and e.parent not in gone:
                             self._strip(e.parent, e)
                     for e in gone:
@@ -880,4 +990,6 @@ class ModelPool:
             keep_alive=e.keep_alive,
             expires_at=deadline,
             expires_in=None if deadline is None else max(deadline - now, 0.0),
+            slot_bytes=e.slot_bytes,
+            batch_kv_bytes=e.batch_kv_bytes,
         )

@@ -86,6 +86,8 @@ def server_info(request: Request) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - state.started, 3),
         **dataclasses.asdict(process_info()),
         "mlx": mlx,
+        # Each batching base's engine (rows, queue, slot and KV bytes, steps and tokens); none without.
+        "engines": state.engines.status() if state.engines is not None else {},
     }
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlxman.engine.scheduler import EngineBusy, EngineClosed
 from mlxman.errors import MlxmanError
 from mlxman.pool import ModelPool
 from mlxman.server import admin_routes, openai_routes
@@ -29,7 +30,9 @@ log = logging.getLogger("mlxman.server")
 def error_response(exc: MlxmanError) -> JSONResponse:
     status, body = describe(exc)
     # Tell OpenAI clients not to retry what will fail again; a busy server is worth a retry.
-    headers = {} if isinstance(exc, ServerBusy) else {"x-should-retry": "false"}
+    headers = {} if isinstance(exc, ServerBusy | EngineBusy | EngineClosed) else {"x-should-retry": "false"}
+    if isinstance(exc, EngineBusy):
+        headers["Retry-After"] = str(exc.retry_after)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, headers=headers)

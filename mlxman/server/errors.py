@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlxman.engine.scheduler import EngineBusy, EngineClosed
 from mlxman.errors import (
     AdapterError,
     ContextError,
@@ -33,6 +34,9 @@ ERROR_TABLE: tuple[tuple[type[MlxmanError], int, str, str], ...] = (
     (NotFoundError, 404, "not_found_error", "model_not_found"),
     (InUseError, 409, "invalid_request_error", "in_use"),
     (MemoryBudgetError, 503, "server_error", "memory_budget"),
+    # The model's engine queue is full: retry after the Retry-After header's seconds.
+    (EngineBusy, 429, "rate_limit_error", "queue_full"),
+    (EngineClosed, 503, "server_error", "engine_closed"),
     (ServerBusy, 503, "server_error", "server_busy"),
     (AdapterError, 400, "invalid_request_error", "adapter_error"),
     (ModelError, 400, "invalid_request_error", "model_error"),

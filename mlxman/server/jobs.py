@@ -8,10 +8,12 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast
 
-from mlxman.errors import UsageError
+from mlxman.engine.events import Event, Failed, Finished, Piece, Started, StopMatcher
+from mlxman.engine.hosting import Engines
+from mlxman.engine.rows import Submission, Ticket
+from mlxman.errors import ContextError, MemoryBudgetError, UsageError
 from mlxman.generate import (
     GenerationRequest,
     GenerationStats,
@@ -19,10 +21,12 @@ from mlxman.generate import (
     fit_context,
     prompt_tokens,
 )
-from mlxman.pool import Lease
+from mlxman.pool import Hold, Lease
 
 # What the pool's ``acquire`` gives for one request, bound to its model and adapter.
 Acquire = Callable[[], AbstractContextManager[Lease, bool | None]]
+# What the pool's ``hold`` gives for one engine request: the model held in use, no lock, no swap.
+HoldModel = Callable[[], Hold]
 T = TypeVar("T")
 log = logging.getLogger("mlxman.server")
 
@@ -30,32 +34,6 @@ CONTEXT_HINT = (
     "shorten the prompt or lower max_tokens, or send truncate_prompt_tokens "
     "(-1 keeps the end of the prompt that fits)"
 )
-
-
-@dataclass(frozen=True)
-class Started:
-    """The model is held and the prompt fits: prefill begins."""
-
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class Piece:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    stats: GenerationStats
-    finish_reason: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-Event = Started | Piece | Finished | Failed
 
 
 class Job(Protocol):
@@ -69,40 +47,6 @@ class Job(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
     def cancel(self, reason: BaseException | None = None) -> None: ...
-
-
-class StopMatcher:
-    """Cut the text at the first stop sequence, holding back a tail that may be the start of one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text safe to send now, and whether a stop sequence was hit."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            ready, self.pending = self.pending[: min(hits)], ""
-            return ready, True
-        keep = max((_overlap(self.pending, s) for s in self.stops), default=0)
-        cut = len(self.pending) - keep
-        ready, self.pending = self.pending[:cut], self.pending[cut:]
-        return ready, False
-
-    def flush(self) -> str:
-        ready, self.pending = self.pending, ""
-        return ready
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of ``text`` that begins ``stop``."""
-    for size in range(min(len(text), len(stop) - 1), 0, -1):
-        if stop.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class GenerationJob:
@@ -145,9 +89,11 @@ class GenerationJob:
 
     def run(self) -> None:
         try:
-            self._emit(self._generate())
+            outcome = self._generate()
         except BaseException as exc:  # every failure must reach the waiting request
-            self._emit(Failed(exc))
+            outcome = Failed(exc)
+        if outcome is not None:
+            self._emit(outcome)
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """Started, pieces of text, then one Finished or Failed; leaving early cancels the generation."""
@@ -176,7 +122,7 @@ class GenerationJob:
             )
         return Failed(self._reason) if self._reason is not None else Finished(stats, "cancelled")
 
-    def _generate(self) -> Finished | Failed:
+    def _generate(self) -> Finished | Failed | None:
         if self.cancelled:  # left (or the server stopped) while queued: load nothing
             return self._stopped(GenerationStats())
         matcher = StopMatcher(self._stops)
@@ -214,6 +160,71 @@ class GenerationJob:
             if rest:
                 self._emit(Piece(rest))
         return Finished(stats, "stop" if stopped else stats.finish_reason or "stop")
+
+
+class EngineJob(GenerationJob):
+    """A text generation run by its base's engine, in one batch with other requests (other adapters too).
+
+    The worker only holds the model and hands the request to the engine; events then come from the engine's
+    thread. A model that cannot batch (or is not a text model) takes the one-request path of GenerationJob.
+    The base and adapter entries stay held in use from submission until the row's last event.
+    """
+
+    def __init__(
+        self,
+        lane: str | None,
+        acquire: Acquire,
+        hold: HoldModel,
+        engines: Engines,
+        request: GenerationRequest,
+        stops: Sequence[str] = (),
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(lane, acquire, request, stops, loop=loop)
+        self._hold = hold
+        self._engines = engines
+        self._ticket: Ticket | None = None
+
+    def cancel(self, reason: BaseException | None = None) -> None:
+        super().cancel(reason)
+        ticket = self._ticket
+        if ticket is not None:
+            ticket.cancel(self._reason)
+
+    def _generate(self) -> Finished | Failed | None:
+        if self.cancelled:
+            return self._stopped(GenerationStats())
+        hold = self._hold()
+        try:
+            engine = self._engines.engine_for(hold)
+            if engine is None:
+                try:
+                    return super()._generate()
+                finally:
+                    hold.release()
+            prompt = prompt_tokens(hold.tokenizer, self.request)
+            tokens = fit_context(prompt, self.request, hold.context_tokens, CONTEXT_HINT)
+            submission = Submission(tokens, self.request, hold.adapter, self._stops)
+            try:
+                ticket = engine.submit(submission, lambda event: self._engine_event(hold, event))
+            except MemoryBudgetError as exc:  # its KV can never fit: too large a request, not a busy server
+                raise ContextError(exc.message, exc.hint) from None
+        except BaseException:
+            hold.release()
+            raise
+        self._ticket = ticket
+        if self.cancelled:  # cancelled while being submitted
+            ticket.cancel(self._reason)
+        return None
+
+    def _engine_event(self, hold: Hold, event: Event) -> None:
+        """On the engine's thread: hand the event over, never block; the last event releases the model."""
+        if isinstance(event, Finished | Failed):
+            hold.release()
+            if isinstance(event, Finished) and event.finish_reason == "cancelled":
+                event = self._stopped(event.stats)
+        self._emit(event)
 
 
 class CallJob(Generic[T]):

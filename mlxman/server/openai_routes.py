@@ -17,11 +17,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from mlxman.embed import EmbeddingResult, embed_texts
+from mlxman.engine.events import Event, Failed, Finished, Piece
 from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest
 from mlxman.pool import parse_keep_alive
 from mlxman.server.errors import describe
-from mlxman.server.jobs import Event, Failed, Finished, GenerationJob, Piece
+from mlxman.server.jobs import EngineJob, GenerationJob
 from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
 from mlxman.server.security import ModelRef
 from mlxman.server.state import ServerState
@@ -110,12 +111,14 @@ async def _complete(
     keep_alive = keep_alive_of(body)
     ref = await anyio.to_thread.run_sync(resolve_model, state, body.model)
     _note(request, ref.key)
-    job = GenerationJob(
-        ref.model,
-        lambda: state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive),
-        generation,
-        body.stop_sequences(),
-    )
+    acquire = lambda: state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive)  # noqa: E731
+    job: GenerationJob
+    if state.engines is not None:
+        # Batched on the base's engine when it can batch; else the one-request path, in the model's lane.
+        hold = lambda: state.pool.hold(ref.model, ref.adapter, keep_alive=keep_alive)  # noqa: E731
+        job = EngineJob(ref.model, acquire, hold, state.engines, generation, body.stop_sequences())
+    else:
+        job = GenerationJob(ref.model, acquire, generation, body.stop_sequences())
     state.submit(job)
     shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.key)
     if not body.stream:

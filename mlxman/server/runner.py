@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, NoReturn
 from mlxman.errors import EXIT_FAILURE, ServerError, UsageError
 from mlxman.memory import Budget, format_bytes
 from mlxman.server.security import split_key
-from mlxman.settings import DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_MODELS
+from mlxman.settings import (
+    DEFAULT_ADAPTER_SLOTS,
+    DEFAULT_CONTEXT_TOKENS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_MODELS,
+    DEFAULT_MAX_QUEUE,
+)
 
 if TYPE_CHECKING:
     import uvicorn
@@ -47,6 +54,10 @@ class ServeOptions:
     admin_key: str | None = None
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     max_models: int = DEFAULT_MAX_MODELS
+    adapter_slots: int = DEFAULT_ADAPTER_SLOTS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_queue: int = DEFAULT_MAX_QUEUE
 
 
 def setup_logging() -> None:
@@ -96,6 +107,7 @@ def serve(options: ServeOptions, narrate: Narrate) -> NoReturn:
         raise UsageError(
             f"The server needs packages that are not installed ({exc.name})", 'pip install "mlxman[server]"'
         ) from None
+    from mlxman.engine.hosting import EngineSettings
     from mlxman.pool import ModelPool
     from mlxman.server.state import ServerConfig
 
@@ -122,6 +134,12 @@ def serve(options: ServeOptions, narrate: Narrate) -> NoReturn:
             admin_key=options.admin_key,
             roots=options.roots,
             budget=budget,
+            engine=EngineSettings(
+                adapter_slots=options.adapter_slots,
+                max_lora_rank=options.max_lora_rank,
+                max_rows=options.max_batch,
+                max_queue=options.max_queue,
+            ),
         )
         app = create_app(pool, config)
         state = app.state.server

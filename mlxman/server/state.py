@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from mlxman.engine.hosting import Engines, EngineSettings
 from mlxman.errors import MlxmanError
 from mlxman.server.jobs import CallJob, Job
 from mlxman.server.security import PathPolicy
@@ -52,6 +53,8 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     workers: int = WORKER_THREADS
     budget: dict[str, Any] = field(default_factory=dict)
+    # Text generation on bases whose caches merge runs batched on their engines; None: one request at a time.
+    engine: EngineSettings | None = None
 
 
 class ServerState:
@@ -62,6 +65,7 @@ class ServerState:
         self.config = config
         self.policy = PathPolicy(config.roots)
         self.workers = Workers(config.workers)
+        self.engines = Engines(pool, config.engine) if config.engine is not None else None
         self.jobs: set[Job] = set()
         self.closing = False
         self.started = time.time()
@@ -70,10 +74,17 @@ class ServerState:
         """Count ``job`` against the pending limit and queue it for a worker; the caller ``release``s it."""
         if self.closing:
             raise shutting_down()
-        if len(self.jobs) >= self.config.max_pending:
+        if len(self.jobs) >= self.pending_limit:
             raise ServerBusy(f"{len(self.jobs)} requests are already waiting or running", "retry in a moment")
         self.jobs.add(job)
         self.workers.submit(job, shutting_down())
+
+    @property
+    def pending_limit(self) -> int:
+        """Model-bound requests at once: engines add room for their batches and queues (their own limits)."""
+        settings = self.config.engine
+        extra = settings.max_rows + settings.max_queue if settings is not None else 0
+        return self.config.max_pending + extra
 
     def cancel(self, job: Job) -> None:
         """Stop ``job``: if it waits in the queue it ends now, else a worker stops it at its next step."""
@@ -115,6 +126,9 @@ class ServerState:
             job.cancel(error)
 
     def close(self, timeout: float) -> bool:
-        """Stop all work and join the worker threads; True when none runs any more (so no lease is held)."""
+        """Stop all work and join the worker and engine threads; True when none runs any more (so no lease
+        is held and no engine runs a model)."""
         self.begin_shutdown()
-        return self.workers.close(shutting_down(), timeout)
+        workers_done = self.workers.close(shutting_down(), timeout)
+        engines_done = self.engines is None or self.engines.close(shutting_down(), timeout)
+        return workers_done and engines_done
