@@ -11,7 +11,7 @@ from typing import Any
 from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest, GenerationStats, TextGeneration, fit_context, prompt_tokens
 from mlxman.memory import resolve_budget, system_memory
-from mlxman.pool import ModelPool
+from mlxman.pool import Hold, ModelPool
 from mlxman.settings import load_config, resolve_pool_limits
 
 CONTEXT_HINT = "shorten the prompt, lower --max-tokens, or raise --context-length"
@@ -95,6 +95,50 @@ def run_answer(
             if on_text is not None:
                 on_text(piece)
     return answer
+
+
+def run_batch(pool: ModelPool, answers: list[Answer], request: GenerationRequest) -> bool:
+    """Run every answer as one batch on an engine over their shared base: each adapter in its own slot (or
+    swapped in, alone, when it cannot use one). False, with nothing run, when they cannot batch: different
+    bases, or a model that is not text or whose caches cannot merge."""
+    from mlxman.engine.batching import cannot_batch
+    from mlxman.engine.hosting import PoolGrant
+    from mlxman.engine.rows import Submission
+    from mlxman.engine.scheduler import Engine, EngineConfig
+    from mlxman.engine.slots import SlotBank
+
+    holds: list[Hold] = []
+    try:
+        for answer in answers:
+            holds.append(pool.hold(answer.model, answer.adapter))
+        first = holds[0]
+        if {h.base_key for h in holds} != {first.base_key} or first.kind != "text" or request.images:
+            return False
+        if cannot_batch(first.model) is not None:
+            return False
+        tokens = fit_context(
+            prompt_tokens(first.tokenizer, request), request, first.context_tokens, CONTEXT_HINT
+        )
+        bank = SlotBank(first.model, slots=len(holds))
+        config = EngineConfig(kv_bytes_per_token=first.kv_bytes_per_token)
+        grant = PoolGrant(pool, first.base_key, bank)
+        engine = Engine(
+            first.model, first.tokenizer, bank=bank, config=config, grant=grant, name=first.base_key
+        )
+        try:
+            tickets = [engine.submit(Submission(tokens, request, h.adapter)) for h in holds]
+            for answer, hold, ticket in zip(answers, holds, tickets, strict=True):
+                answer.key, answer.kind = hold.key, hold.kind
+                answer.load_seconds, answer.base_was_resident = hold.load_seconds, hold.base_was_resident
+                answer.text, finished = ticket.result()
+                answer.stats = finished.stats
+        finally:
+            engine.close()
+            bank.detach()  # the base's own linears back: the pool may swap adapters on it later
+        return True
+    finally:
+        for hold in holds:
+            hold.release()
 
 
 def _generation_for(lease: Any, request: GenerationRequest, context_tokens: int) -> Any:

@@ -181,3 +181,19 @@ def test_engine_threads_do_not_pile_up_over_loads_unloads_and_requests(
         # A thread per engine leaked two OS threads per cycle (16 here). What may still appear is bounded:
         # the fixed worker threads' MLX streams, once each worker first frees or loads a model.
         assert max(counts) - counts[0] <= 2 * (WORKER_THREADS - 1), counts
+
+
+def test_keep_alive_0_unloads_after_each_request_and_the_next_one_reloads(
+    demo_kit: DemoKit, tmp_path: Path
+) -> None:
+    """The last row's end releases the base on the engine's thread, which then closes its own engine."""
+    body = {"model": str(demo_kit.model), "prompt": "red", "max_tokens": 4, "keep_alive": 0}
+    with running_server(tmp_path, "--adapter-root", str(demo_kit.root)) as server:
+        texts = []
+        for _ in range(3):
+            answer = server.post("/v1/completions", body)
+            assert answer.status_code == 200, answer.text
+            texts.append(answer.json()["choices"][0]["text"])
+            wait_until(lambda: not server.pool_keys(), 60, "the base to unload")
+            wait_until(lambda: server.get("/api/server").json()["engines"] == {}, 60, "its engine to close")
+        assert len(set(texts)) == 1

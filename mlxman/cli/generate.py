@@ -9,7 +9,7 @@ import typer
 from rich.columns import Columns
 from rich.panel import Panel
 
-from mlxman.answers import Answer, open_pool, run_answer
+from mlxman.answers import Answer, open_pool, run_answer, run_batch
 from mlxman.cli.options import ContextOption, JsonOption, MaxModelsOption, MemoryLimitOption
 from mlxman.errors import Interrupted, UsageError
 from mlxman.generate import GenerationRequest, GenerationStats
@@ -96,6 +96,21 @@ def generate(
     stream = not json_output and not side_by_side
     answers: list[Answer] = []
     with open_pool(memory_limit, context_length, max_models) as pool:
+        if several and not request.images:
+            batch = [Answer(model, a) for a in adapters]
+            try:
+                batched = run_batch(pool, batch, request)
+            except KeyboardInterrupt:
+                raise Interrupted("Interrupted; generation stopped") from None
+            if batched:
+                out.info(f"Ran the {len(batch)} answers as one batch on one resident base")
+                for answer in batch:
+                    if stream:
+                        out.stdout.print(f"[title]── {answer.label} ──[/title]")
+                        out.text(answer.text)
+                    out.info(f"[muted]{stats_line(answer)}[/muted]")
+                adapters = []
+                answers = batch
         for adapter_path in adapters:
             answer = Answer(model, adapter_path)
             if stream and several:

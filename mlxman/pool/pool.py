@@ -69,6 +69,8 @@ class Hold:
     context_tokens: int
     kv_bytes_per_token: int
     release: Callable[[], None]
+    base_was_resident: bool = True
+    load_seconds: float = 0.0
 
 
 # Called with (key, parent key, adapter weights) for each entry about to be freed, before its memory goes.
@@ -369,12 +371,13 @@ class ModelPool:
         plan = self._plan(model, adapter, kind)
         held: list[_Entry] = []
         try:
-            base, _, _ = self._reserve(plan, plan.model_key, keep_alive, held)
+            base, resident, seconds = self._reserve(plan, plan.model_key, keep_alive, held)
             held.append(base)
             child = base
             if plan.mode == "child":
-                child, _, _ = self._reserve(plan, plan.key, keep_alive, held)
+                child, _, child_seconds = self._reserve(plan, plan.key, keep_alive, held)
                 held.append(child)
+                seconds += child_seconds
         except BaseException:
             self._release(held, keep_alive)
             raise
@@ -397,6 +400,8 @@ class ModelPool:
             context_tokens=base.context_tokens,
             kv_bytes_per_token=base.kv_bytes_per_token,
             release=release,
+            base_was_resident=resident,
+            load_seconds=seconds,
         )
 
     def grant(self, key: str, slot_bytes: int, batch_kv_bytes: int) -> bool:
