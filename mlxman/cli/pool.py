@@ -96,9 +96,11 @@ def _until(entry: dict[str, Any]) -> str:
 
 
 def _size(entry: dict[str, Any]) -> str:
-    """What the entry counts against the budget: its weights (the larger of estimate and measurement) + KV."""
+    """What the entry counts against the budget: its weights (the larger of estimate and measurement) + KV,
+    and for a base served by the engine its adapter slots and the batch's KV beyond one context."""
     weights = max(entry["estimated_bytes"], entry.get("measured_bytes") or 0)
-    return format_bytes(weights + entry.get("kv_bytes", 0))
+    kv = max(entry.get("kv_bytes", 0), entry.get("batch_kv_bytes", 0))
+    return format_bytes(weights + entry.get("slot_bytes", 0) + kv)
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
