@@ -19,17 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.models import ModelSpec, build_model, synthesize_adapter
-
-PROMPTS = (
-    "Tell me something about the weather and the sea.",
-    "What is the best way to learn a language?",
-    "Write a line about mountains.",
-    "Name three colours and a number.",
-    "How do birds find their way home?",
-    "Describe a quiet morning.",
-    "What makes a good story?",
-    "Say something kind.",
-)
+from benchmarks.server import PROMPTS
 
 
 def _engine(model_dir: Path, rows: int) -> Any:
