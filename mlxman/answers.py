@@ -120,7 +120,9 @@ def run_batch(pool: ModelPool, answers: list[Answer], request: GenerationRequest
             prompt_tokens(first.tokenizer, request), request, first.context_tokens, CONTEXT_HINT
         )
         bank = SlotBank(first.model, slots=len(holds))
-        config = EngineConfig(kv_bytes_per_token=first.kv_bytes_per_token)
+        config = EngineConfig(
+            kv_bytes_per_token=first.kv_bytes_per_token, admission_timeout=pool.admission_timeout
+        )
         grant = PoolGrant(pool, first.base_key, bank)
         engine = Engine(
             first.model, first.tokenizer, bank=bank, config=config, grant=grant, name=first.base_key

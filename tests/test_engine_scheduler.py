@@ -374,3 +374,36 @@ def test_swapped_in_rows_are_admitted_against_the_budget_too(
         assert grant.peak == 256 * per_token and grant.held == 0
     finally:
         engine.close()
+
+
+def test_a_row_waiting_for_memory_gives_up_after_the_admission_timeout(
+    endless_model: Path, adapters: dict[str, AdapterWeights]
+) -> None:
+    """Waiting for memory held by running rows is bounded, as the pool's own admission is."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(endless_model))[:2]
+    per_token = 2 * 2 * 2 * 16 * 4
+    one_row = 256 * per_token
+    grant = Grant(one_row + one_row // 2)  # one row at a time
+    config = EngineConfig(kv_bytes_per_token=per_token, admission_timeout=0.2)
+    engine = Engine(model, tokenizer, bank=None, grant=grant, config=config)
+    try:
+        queued, release = threading.Event(), threading.Event()
+
+        def hold_room(event: Event) -> None:
+            if isinstance(event, Piece) and not release.is_set():
+                queued.wait(60)
+                release.wait(1.0)  # past the timeout, with the long row still far from done
+                release.set()
+
+        long = submit(engine, PROMPTS[0], None, hold_room, max_tokens=200)
+        waiting = submit(engine, PROMPTS[1], max_tokens=8)
+        queued.set()
+        with pytest.raises(MemoryBudgetError, match="waited"):
+            waiting.result(timeout=60)
+        long.cancel()
+        assert long.done.wait(60)
+        assert submit(engine, PROMPTS[1], max_tokens=8).result(timeout=60)[1].finish_reason == "length"
+    finally:
+        engine.close()

@@ -167,6 +167,7 @@ class Engines:
             max_queue=s.max_queue,
             prefill_step_size=s.prefill_step_size,
             kv_bytes_per_token=hold.kv_bytes_per_token,
+            admission_timeout=self.pool.admission_timeout,
         )
         grant = PoolGrant(self.pool, hold.base_key, bank)
         try:

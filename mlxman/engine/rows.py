@@ -117,6 +117,11 @@ class Row:
     def adapter(self) -> AdapterWeights | None:
         return self.submission.adapter
 
+    @property
+    def waited(self) -> float:
+        """Seconds since the request was submitted."""
+        return time.perf_counter() - self._submitted
+
     def join(self, uid: int, slot: int) -> None:
         self.uid, self.slot = uid, slot
         self._joined = time.perf_counter()

@@ -108,6 +108,8 @@ class EngineConfig:
     prefill_step_size: int = DEFAULT_PREFILL_STEP
     # 2 * layers * kv_heads * head_dim * dtype bytes (the pool's estimate); 0 leaves KV unaccounted.
     kv_bytes_per_token: int = 0
+    # Seconds a request may wait for memory held by running rows (the pool's admission timeout); None: no end.
+    admission_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Engine:
         why = cannot_batch(model)
         if why is not None:
             raise UsageError(f"This model cannot run batched: {why}", "serve it on the one-request path")
-        self.model, self.tokenizer, self.bank = model, tokenizer, bank
+        self.model, self.tokenizer, self.bank, self.name = model, tokenizer, bank, name
         self.config = config or EngineConfig()
         self._grant = grant or Unlimited()
         self._swap = swap or AdapterSwap(model)
@@ -342,6 +344,17 @@ class Engine:
                 row.fail(exc)
                 continue
             if slot is None:
+                timeout = self.config.admission_timeout
+                if timeout is not None and row.waited > timeout:
+                    self._waiting.popleft()
+                    row.fail(
+                        MemoryBudgetError(
+                            f"The request waited {row.waited:.0f} s for memory or an adapter slot held by "
+                            f"{len(self._active)} running request(s) on {self.name}",
+                            "retry later, raise --memory-limit, or lower max_tokens",
+                        )
+                    )
+                    continue
                 return  # no slot or no memory yet: wait for rows to leave
             self._waiting.popleft()
             uid = self._batch.add(
