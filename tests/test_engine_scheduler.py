@@ -296,7 +296,8 @@ def test_kv_is_admitted_against_the_budget_before_a_row_joins(
         tickets = [submit(engine, p, adapters["colors"], max_tokens=8) for p in PROMPTS]
         assert all(t.result(timeout=60)[1].finish_reason == "length" for t in tickets)
         assert grant.peak <= grant.ceiling and grant.peak >= slot_bytes + one_row
-        assert grant.held == engine.status().slot_bytes  # the KV went back when the rows left
+        status = engine.status()  # the rows' KV went back when they left; the prefix cache keeps its own
+        assert grant.held == status.slot_bytes + status.prefix_bytes
     finally:
         engine.close()
 
@@ -366,8 +367,9 @@ def test_swapped_in_rows_are_admitted_against_the_budget_too(
 
     model, tokenizer = load(str(endless_model))[:2]
     per_token = 2 * 2 * 2 * 16 * 4
-    grant = Grant(256 * per_token * 3 // 2)  # one row's KV at a time
-    engine = Engine(model, tokenizer, grant=grant, config=EngineConfig(kv_bytes_per_token=per_token))
+    grant = Grant(256 * per_token * 3 // 2)  # one row's KV at a time (and no prefix cache beside it)
+    config = EngineConfig(kv_bytes_per_token=per_token, prefix_cache_bytes=0)
+    engine = Engine(model, tokenizer, grant=grant, config=config)
     try:
         tickets = [submit(engine, p, adapters["animals"], max_tokens=6) for p in PROMPTS]
         assert all(t.result(timeout=60)[1].finish_reason == "length" for t in tickets)

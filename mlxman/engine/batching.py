@@ -6,9 +6,11 @@ tests/test_engine_batching.py fail loudly when mlx-lm changes what it relies on:
 - every row's cache list goes through the generator's merge / extend / filter / extract in batch order, so an
   extra entry at the end of the list (``SlotRows``) always names the slots of the rows in the model's batch;
 - the model is called as ``model(tokens, cache=cache_list)`` for prefill chunks and for each decode step;
-- ``insert(prompts, max_tokens=, caches=, samplers=)`` returns row ids, ``remove(ids)`` drops rows at once,
-  ``next()`` returns (prompt responses, generation responses) whose generation items have ``uid``, ``token``
-  and ``finish_reason``.
+- ``insert(prompts, max_tokens=, caches=, all_tokens=, samplers=)`` returns row ids (a row may come with a
+  prefilled cache and the tokens it holds), ``remove(ids, return_prompt_caches=)`` drops rows at once and can
+  hand back their caches, ``next()`` returns (prompt responses, generation responses) whose generation items
+  have ``uid``, ``token``, ``finish_reason``, and on a row's last token its ``prompt_cache`` and
+  ``all_tokens`` (the tokens that cache holds).
 """
 
 from __future__ import annotations
@@ -138,8 +140,8 @@ def check_batch_generator() -> None:
             "prefill_batch_size",
             "prefill_step_size",
         ),
-        BatchGenerator.insert: ("prompts", "max_tokens", "caches", "samplers"),
-        BatchGenerator.remove: ("uids",),
+        BatchGenerator.insert: ("prompts", "max_tokens", "caches", "all_tokens", "samplers"),
+        BatchGenerator.remove: ("uids", "return_prompt_caches"),
     }
     for fn, names in wanted.items():
         params = inspect.signature(fn).parameters
@@ -147,8 +149,10 @@ def check_batch_generator() -> None:
         if missing:
             raise BatchInternalsChanged(f"BatchGenerator.{fn.__name__} has no {', '.join(missing)} parameter")
     fields = getattr(GenerationBatch.Response, "__dataclass_fields__", {})
-    if not {"uid", "token", "finish_reason"} <= set(fields):
-        raise BatchInternalsChanged("GenerationBatch.Response lacks uid, token or finish_reason")
+    if not {"uid", "token", "finish_reason", "prompt_cache", "all_tokens"} <= set(fields):
+        raise BatchInternalsChanged(
+            "GenerationBatch.Response lacks uid, token, finish_reason, prompt_cache or all_tokens"
+        )
     if not hasattr(KVCache, "merge") or not hasattr(BatchGenerator, "next"):
         raise BatchInternalsChanged("KVCache.merge or BatchGenerator.next is gone")
 
@@ -183,24 +187,56 @@ class Batch:
         self._rows: set[int] = set()
         # Prompt tokens read so far by each row still prefilling (how far a cancelled prefill got).
         self._prefilled: dict[int, int] = {}
+        # Rows that left with their KV kept: the tokens it holds and the model's cache entries.
+        self._kept: dict[int, tuple[list[int], list[Any]]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, tokens: list[int], *, slot: int, max_tokens: int, sampler: Sampler | None) -> int:
-        """Queue a row to join at the next step; returns its id."""
+    def add(
+        self,
+        tokens: list[int],
+        *,
+        slot: int,
+        max_tokens: int,
+        sampler: Sampler | None,
+        cache: list[Any] | None = None,
+        cached: int = 0,
+    ) -> int:
+        """Queue a row to join at the next step; returns its id. With ``cache`` (the model's cache entries
+        holding the KV of ``tokens[:cached]``) only the rest of the prompt is prefilled."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        cache = [*make_prompt_cache(self.model), SlotRows([slot])]
-        (uid,) = self._generator.insert([tokens], max_tokens=[max_tokens], caches=[cache], samplers=[sampler])
+        if cache is None or not 0 < cached < len(tokens):
+            cache, cached = make_prompt_cache(self.model), 0
+        (uid,) = self._generator.insert(
+            [tokens[cached:]],
+            max_tokens=[max_tokens],
+            caches=[[*cache, SlotRows([slot])]],
+            all_tokens=[tokens[:cached]],
+            samplers=[sampler],
+        )
         self._rows.add(uid)
         return int(uid)
 
-    def remove(self, uid: int) -> None:
-        """Drop a row now (cancelled or stopped by text); a row that already finished is ignored."""
+    def remove(self, uid: int, *, keep_kv: bool = False) -> None:
+        """Drop a row now (cancelled or stopped by text); a row that already finished is ignored. With
+        ``keep_kv`` its KV so far is kept for ``take_kv``."""
         if uid in self._rows:
-            self._generator.remove([uid])
+            caches = self._generator.remove([uid], return_prompt_caches=keep_kv)
             self._rows.discard(uid)
+            if uid in caches:
+                cache, tokens = caches[uid]
+                self._keep(uid, list(tokens), cache)
+
+    def take_kv(self, uid: int) -> tuple[list[int], list[Any]] | None:
+        """The KV a row left with (the tokens it holds, the model's cache entries), once; None if none."""
+        return self._kept.pop(uid, None)
+
+    def _keep(self, uid: int, tokens: list[int], cache: list[Any]) -> None:
+        model_cache = [c for c in cache if not isinstance(c, SlotRows)]
+        if tokens and model_cache and all(c.size() == len(tokens) for c in model_cache):
+            self._kept[uid] = (tokens, model_cache)
 
     def prefilled(self, uid: int) -> int:
         """Prompt tokens a row that left while prefilling had read (forgotten once asked)."""
@@ -219,6 +255,8 @@ class Batch:
             self._prefilled.pop(int(r.uid), None)
             if r.finish_reason is not None:
                 self._rows.discard(int(r.uid))
+                if r.prompt_cache is not None and r.all_tokens is not None:
+                    self._keep(int(r.uid), list(r.all_tokens), r.prompt_cache)
         return tokens
 
     def close(self) -> None:

@@ -5,7 +5,9 @@ different LoRA adapters share each forward through the base's slots. An adapter 
 a rank above the slot maximum, embedding or other module types) runs on the swap path: the batch drains, the
 adapter is swapped in with mlx-lm's own wrappers, its queued requests run together, then slots come back.
 Admission is first-in first-out: a request that cannot join yet (no free slot, no memory, a drain) holds
-back those behind it, so none starves.
+back those behind it, so none starves. Rows that end leave their KV in the prefix cache, keyed by adapter and
+tokens; a later row on the same adapter that shares a prefix joins with a copy of it and prefills only the
+rest. That cache counts in the grant and is emptied, oldest first, before any row is kept waiting for memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlxman.engine.batching import Batch, cannot_batch
+from mlxman.engine.prefix import DEFAULT_PREFIX_CACHE_BYTES, PREFIX_CACHE_SHARE, PrefixCache
 from mlxman.engine.rows import OnEvent, Row, Submission, Ticket
 from mlxman.engine.slots import NO_ADAPTER, SlotBank
 from mlxman.errors import MemoryBudgetError, MlxmanError, UsageError
@@ -110,6 +113,8 @@ class EngineConfig:
     kv_bytes_per_token: int = 0
     # Seconds a request may wait for memory held by running rows (the pool's admission timeout); None: no end.
     admission_timeout: float | None = None
+    # The prefix cache's cap (and never over PREFIX_CACHE_SHARE of the grant's ceiling); 0 turns it off.
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,10 @@ class EngineStatus:
     # Forward passes that generated tokens, and the tokens they generated: more tokens than steps is batching.
     decode_steps: int = 0
     tokens: int = 0
+    # The prefix cache: its entries and bytes, and the prompt tokens it saved from prefill so far.
+    prefix_entries: int = 0
+    prefix_bytes: int = 0
+    prefix_reused_tokens: int = 0
 
 
 class Engine:
@@ -147,6 +156,8 @@ class Engine:
         self.config = config or EngineConfig()
         self._grant = grant or Unlimited()
         self._swap = swap or AdapterSwap(model)
+        cap = self.config.prefix_cache_bytes
+        self._prefix = PrefixCache(min(cap, int(self._grant.ceiling * PREFIX_CACHE_SHARE)) if cap > 0 else 0)
         self._cond = threading.Condition()
         self._inbox: list[Row] = []
         self._drops: list[AdapterWeights] = []
@@ -219,6 +230,9 @@ class Engine:
             swapped_adapter=str(wearing.path) if wearing is not None else None,
             decode_steps=self._decode_steps,
             tokens=self._tokens,
+            prefix_entries=len(self._prefix),
+            prefix_bytes=self._prefix.nbytes,
+            prefix_reused_tokens=self._prefix.reused_tokens,
         )
 
     @property
@@ -310,13 +324,13 @@ class Engine:
                 bank.clear_slot(slot)
         self._slot_bytes = bank.nbytes
         self._slot_adapters = tuple(str(a.path) for a in bank.resident())
-        self._grant.resize(self._slot_bytes + self._kv_bytes)
+        self._hold(self._kv_bytes)
 
     def _drop_cancelled(self) -> None:
         assert self._batch is not None
         for uid, row in list(self._active.items()):
             if row.ticket.cancelled:
-                self._batch.remove(uid)
+                self._batch.remove(uid, keep_kv=True)
                 self._end(row, "cancelled")
         if any(row.ticket.cancelled for row in self._waiting):
             for row in [r for r in self._waiting if r.ticket.cancelled]:
@@ -357,11 +371,15 @@ class Engine:
                     continue
                 return  # no slot or no memory yet: wait for rows to leave
             self._waiting.popleft()
+            tokens = list(row.submission.tokens)
+            cache, cached = self._prefix.fetch(self._kv_adapter(row), tokens)
             uid = self._batch.add(
-                list(row.submission.tokens),
+                tokens,
                 slot=slot,
                 max_tokens=row.submission.request.max_tokens,
                 sampler=row.make_sampler(),
+                cache=cache,
+                cached=cached,
             )
             self._active[uid] = row
             row.join(uid, slot)
@@ -374,19 +392,31 @@ class Engine:
         growth = 0
         if adapter is not None and bank is not None and bank.slot_of(adapter) is None:
             growth = bank.growth_bytes(adapter)
-        if not self._grant.resize(self._slot_bytes + growth + kv):
-            self._grant.resize(self._slot_bytes + self._kv_bytes)
+        if not self._hold(kv, growth):
+            self._hold(self._kv_bytes)
             return None
         slot = NO_ADAPTER if adapter is None or bank is None else bank.acquire(adapter)
         if bank is not None:
             self._slot_bytes = bank.nbytes
             self._slot_adapters = tuple(str(a.path) for a in bank.resident())
         if slot is None:
-            self._grant.resize(self._slot_bytes + self._kv_bytes)
+            self._hold(self._kv_bytes)
             return None
         self._kv_bytes = kv
-        self._grant.resize(self._slot_bytes + kv)
+        self._hold(kv)
         return slot
+
+    def _hold(self, kv: int, growth: int = 0) -> bool:
+        """Ask the grant for slots, ``growth``, ``kv`` and the prefix cache; prefix entries go, oldest
+        first, until it fits. False when it does not fit even with the prefix cache empty."""
+        while not self._grant.resize(self._slot_bytes + growth + kv + self._prefix.nbytes):
+            if not self._prefix.evict_one():
+                return False
+        return True
+
+    def _kv_adapter(self, row: Row) -> AdapterWeights | None:
+        """The adapter the row's KV is computed with (the prefix cache's key beside the tokens)."""
+        return row.adapter
 
     def _kv_for(self, rows: Sequence[Row]) -> int:
         """The batch's KV at its largest: every row is padded to the longest one (mlx-lm's BatchKVCache)."""
@@ -433,15 +463,19 @@ class Engine:
             reason = row.token(t.token, t.finish_reason)
             if reason is not None:
                 if t.finish_reason is None:  # stopped by a text stop sequence: the generator still has it
-                    self._batch.remove(t.uid)
+                    self._batch.remove(t.uid, keep_kv=True)
                 self._end(row, reason)
 
     def _end(self, row: Row, reason: str) -> None:
         import mlx.core as mx
 
         self._leave_batch(row)
+        assert self._batch is not None and row.uid is not None
+        kept = self._batch.take_kv(row.uid)
+        if kept is not None:
+            self._prefix.store(self._kv_adapter(row), *kept)
+            self._hold(self._kv_bytes)
         if not row.stats.generation_tokens:  # ended while reading its prompt: say how far it got
-            assert self._batch is not None and row.uid is not None
             row.stats.prefilled_tokens = self._batch.prefilled(row.uid)
         row.finish(reason, int(mx.get_peak_memory()))
 
@@ -452,7 +486,7 @@ class Engine:
         if row.slot and self.bank is not None and not row.needs_swap:
             self.bank.release(row.slot)
         self._kv_bytes = self._kv_for(list(self._active.values()))
-        self._grant.resize(self._slot_bytes + self._kv_bytes)
+        self._hold(self._kv_bytes)
 
     def _fail_batch(self, error: BaseException) -> None:
         assert self._batch is not None
