@@ -192,13 +192,7 @@ class ModelPool:
         held: list[_Entry] = []
         failed_child: _Entry | None = None
         try:
-            base, base_resident, load_seconds = self._reserve(plan, plan.model_key, keep_alive, held)
-            held.append(base)
-            child: _Entry | None = None
-            if plan.mode == "child":
-                child, _, child_seconds = self._reserve(plan, plan.key, keep_alive, held)
-                held.append(child)
-                load_seconds += child_seconds
+            base, child, base_resident, load_seconds = self._reserve_plan(plan, keep_alive, held)
             assert base.loaded is not None
             with base.lock:
                 try:
@@ -242,13 +236,7 @@ class ModelPool:
         plan = self._plan(model, adapter, kind)
         held: list[_Entry] = []
         try:
-            base, resident, seconds = self._reserve(plan, plan.model_key, keep_alive, held)
-            held.append(base)
-            child = base
-            if plan.mode == "child":
-                child, _, child_seconds = self._reserve(plan, plan.key, keep_alive, held)
-                held.append(child)
-                seconds += child_seconds
+            base, child, resident, seconds = self._reserve_plan(plan, keep_alive, held)
         except BaseException:
             self._release(held, keep_alive)
             raise
@@ -267,7 +255,7 @@ class ModelPool:
             kind=base.kind,
             model=base.loaded.model,
             tokenizer=base.loaded.tokenizer,
-            adapter=child.adapter if child is not base else None,
+            adapter=child.adapter if child is not None else None,
             context_tokens=base.context_tokens,
             kv_bytes_per_token=base.kv_bytes_per_token,
             release=release,
@@ -316,12 +304,8 @@ class ModelPool:
         plan = self._plan(model, adapter, kind)
         held: list[_Entry] = []
         try:
-            base, _, _ = self._reserve(plan, plan.model_key, keep_alive, held)
-            held.append(base)
-            target = base
-            if plan.mode == "child":
-                target, _, _ = self._reserve(plan, plan.key, keep_alive, held)
-                held.append(target)
+            base, child, _, _ = self._reserve_plan(plan, keep_alive, held)
+            target = child or base
             if pin:
                 with self._lock:
                     target.pinned = True
@@ -487,6 +471,20 @@ class ModelPool:
         return _Plan(target, resolved_kind, "own" if own else "child")
 
     # -- reservation and single-flight loads
+
+    def _reserve_plan(
+        self, plan: _Plan, keep_alive: float | None, held: list[_Entry]
+    ) -> tuple[_Entry, _Entry | None, bool, float]:
+        """Reserve the plan's model entry, then its adapter entry when it is a child; each joins ``held`` (the
+        caller releases them). Returns base, child (or None), whether the base was resident, load seconds."""
+        base, resident, seconds = self._reserve(plan, plan.model_key, keep_alive, held)
+        held.append(base)
+        child: _Entry | None = None
+        if plan.mode == "child":
+            child, _, child_seconds = self._reserve(plan, plan.key, keep_alive, held)
+            held.append(child)
+            seconds += child_seconds
+        return base, child, resident, seconds
 
     def _reserve(
         self, plan: _Plan, key: str, keep_alive: float | None, held: Sequence[_Entry]
