@@ -114,18 +114,23 @@ def chat_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     return messages
 
 
+# transformers warns on stderr when a prompt is longer than the tokenizer's model_max_length; mlxman checks
+# the prompt against the admitted context itself and says so in one clear error.
+_QUIET = {"verbose": False}
+
+
 def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """Token ids for the request: the chat template when the tokenizer has one and ``raw`` is off."""
     if not request.raw and getattr(tokenizer, "has_chat_template", False):
         text = tokenizer.apply_chat_template(
             chat_messages(request), add_generation_prompt=True, tokenize=False
         )
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(text, add_special_tokens=False, **_QUIET))
     if request.messages is not None:
         text = "\n".join(str(m.get("content", "")) for m in request.messages)
     else:
         text = f"{request.system}\n{request.prompt}" if request.system else request.prompt
-    return list(tokenizer.encode(text))
+    return list(tokenizer.encode(text, **_QUIET))
 
 
 class StreamingGeneration:
