@@ -53,7 +53,9 @@ class Answer:
 
     @property
     def label(self) -> str:
-        return Path(self.adapter).name if self.adapter else "base"
+        # A name (``mlxman alias``) may bring its own adapter: the key says which one ran.
+        adapter = self.adapter or self.key.partition("::")[2]
+        return Path(adapter).name if adapter else "base"
 
     def as_dict(self) -> dict[str, Any]:
         s = self.stats

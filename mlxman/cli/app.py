@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mlxman import __version__
-from mlxman.cli import adapter, demo, embed, generate, pool, serve, status
+from mlxman.cli import adapter, alias, demo, embed, generate, pool, serve, status
 from mlxman.cli.errors import MlxmanGroup
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command("demo")(demo.demo)
 app.command("status")(status.status)
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(pool.app, name="pool")
+app.add_typer(alias.app, name="alias")
 app.command("serve")(serve.serve)
 
 

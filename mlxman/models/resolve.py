@@ -17,6 +17,7 @@ from mlxman.files import (
     shown_path,
     too_long,
 )
+from mlxman.library.aliases import errors_about, lookup, model_only
 
 CONFIG_FILE = "config.json"
 
@@ -37,7 +38,17 @@ def _looks_like_repo_id(spec: str) -> bool:
 
 
 def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
-    """A local directory wins; else a Hugging Face id found in the local cache (never downloaded)."""
+    """A name (``mlxman alias``) first; else a local directory; else a Hugging Face id found in the local
+    cache (never downloaded)."""
+    alias = lookup(spec) if revision is None else None
+    if alias is not None:
+        model_only(alias)
+        with errors_about(alias):
+            return _resolve_spec(alias.model, None)
+    return _resolve_spec(spec, revision)
+
+
+def _resolve_spec(spec: str, revision: str | None) -> ResolvedModel:
     if not spec or not spec.strip():
         raise ModelError("No model given", "pass --model with a local model directory or a Hugging Face id")
     local = Path(spec).expanduser()

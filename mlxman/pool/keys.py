@@ -8,6 +8,7 @@ from pathlib import Path
 from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS
 from mlxman.errors import AdapterError, NotFoundError
 from mlxman.files import MISSING, path_problem, shown_path
+from mlxman.library.aliases import errors_about, lookup
 from mlxman.models.resolve import ResolvedModel, resolve_model
 
 SEPARATOR = "::"
@@ -66,13 +67,26 @@ class Target:
 
 
 def resolve_target(model: str, adapter: str | None = None) -> Target:
-    """Resolve what a caller typed; ``model`` may itself be ``model::adapter``."""
+    """Resolve what a caller typed; ``model`` may itself be ``model::adapter``, and its model part a name
+    (``mlxman alias``) for a model or for a model with its adapter."""
     model_spec, embedded = split_key(model)
+    alias = lookup(model_spec)
+    if alias is not None:
+        given = embedded if embedded is not None else adapter
+        if alias.adapter is not None and given is not None and given != alias.adapter:
+            raise AdapterError(
+                f"Name '{alias.name}' already stands for a model with an adapter ({alias.target}), and "
+                f"{given!r} was given too",
+                f"name the adapter once: `{alias.name}` alone, or its model {alias.model} with your adapter",
+            )
+        model_spec, embedded = alias.model, embedded if alias.adapter is None else alias.adapter
     if embedded is not None and adapter is not None and embedded != adapter:
         raise AdapterError(
             f"Two adapters given for one request: {embedded!r} in the model name and {adapter!r}",
             "name the adapter once",
         )
     adapter_spec = adapter if adapter is not None else embedded
-    resolved = resolve_model(model_spec)
-    return Target(model=resolved, adapter=resolve_adapter_dir(adapter_spec) if adapter_spec else None)
+    with errors_about(alias):
+        resolved = resolve_model(model_spec)
+        adapter_dir = resolve_adapter_dir(adapter_spec) if adapter_spec else None
+    return Target(model=resolved, adapter=adapter_dir)

@@ -1,0 +1,1 @@
+"""The model library: what models and adapters a user has, and short names for them."""
