@@ -20,6 +20,8 @@ HOST_ENV = "MLXMAN_HOST"
 # The environment variable `mlxman serve` reads its API key from (another name with --api-key-env).
 API_KEY_ENV = "MLXMAN_API_KEY"
 DEBUG_ENV = "MLXMAN_DEBUG"
+# Folders `mlxman ls` lists models and adapters from (os.pathsep-separated); replaces config model_dirs.
+MODEL_DIRS_ENV = "MLXMAN_MODEL_DIRS"
 CONFIG_FILENAME = "config.toml"
 
 # Like Metal's recommended working set on Apple silicon: leave a quarter of RAM to the system.
@@ -44,7 +46,16 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_QUEUE = 256
 
 # `context_tokens` is the older name of `context_length`, still read.
-CONFIG_KEYS = {"memory_limit", "keep_alive", "host", "port", "context_length", "context_tokens", "max_models"}
+CONFIG_KEYS = {
+    "memory_limit",
+    "keep_alive",
+    "host",
+    "port",
+    "context_length",
+    "context_tokens",
+    "max_models",
+    "model_dirs",
+}
 
 
 def user_dir() -> Path:
@@ -164,6 +175,24 @@ def _setting(
             raise error(f"Invalid {what} {value!r} (from {source})", f"use {use}, from 1 to {most:,}")
         return number, source
     return default, "default"
+
+
+def model_dirs(config: Config, env: Mapping[str, str] | None = None) -> tuple[list[Path], str]:
+    """The folders holding the user's models and adapters, and where that list came from:
+    ``$MLXMAN_MODEL_DIRS``, else ``model_dirs`` in the config file, else none."""
+    env = os.environ if env is None else env
+    if env.get(MODEL_DIRS_ENV):
+        parts = [p for p in env[MODEL_DIRS_ENV].split(os.pathsep) if p.strip()]
+        return [Path(p).expanduser() for p in parts], MODEL_DIRS_ENV
+    value = config.get("model_dirs")
+    if value is None:
+        return [], "default"
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(
+            f"model_dirs in {config.path} is not a list of folders",
+            'write it as model_dirs = ["~/models", "/data/adapters"]',
+        )
+    return [Path(v).expanduser() for v in value], f"model_dirs in {config.path}"
 
 
 def debug_enabled() -> bool:

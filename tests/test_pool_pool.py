@@ -19,9 +19,9 @@ from mlxman.demo import DemoKit
 from mlxman.errors import AdapterError, InUseError, MemoryBudgetError, ModelError, NotFoundError, UsageError
 from mlxman.memory import format_bytes
 from mlxman.pool import ModelPool, loaders
+from mlxman.pool.estimate import model_context
 from mlxman.pool.keys import resolve_target
 from mlxman.pool.kinds import EMBEDDINGS, TEXT, VISION, detect_kind, resolve_kind
-from mlxman.pool.pool import model_context
 
 GIB = 1024**3
 

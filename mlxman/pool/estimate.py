@@ -18,6 +18,8 @@ from mlxman.safetensors_header import DTYPE_BYTES, HeaderError, SafetensorsHeade
 KV_CACHE_STEP = 256
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _CONFIG_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Config keys that bound a model's positions, checked in this order (the first one set wins).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,31 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
     if not (layers and kv_heads and head_dim):
         return 0
     return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def model_context(config: dict[str, Any], context_tokens: int) -> int:
+    """The context a model is admitted with: ``context_tokens``, or fewer when its config allows fewer.
+
+    Like Ollama, which caps num_ctx at the model's trained context. RoPE scaling (a ``factor`` over the
+    original positions) extends that bound.
+    """
+    text = config.get("text_config")
+    cfg = {**config, **text} if isinstance(text, dict) else config
+    bounds = [v for v in (cfg.get(k) for k in _CONTEXT_KEYS) if isinstance(v, int) and _positive(v)]
+    if not bounds:
+        return context_tokens
+    bound = bounds[0]
+    scaling = cfg.get("rope_scaling")
+    scaling = scaling if isinstance(scaling, dict) else {}
+    factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    if isinstance(factor, (int, float)) and factor > 1:
+        start = original if isinstance(original, int) and _positive(original) else bound
+        bound = max(bound, int(start * factor))
+    return min(context_tokens, bound)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def kv_cache_bytes(per_token: int, context_tokens: int) -> int:

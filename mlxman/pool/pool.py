@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
@@ -20,7 +19,7 @@ from mlxman.errors import AdapterError, InUseError, MemoryBudgetError, MlxmanErr
 from mlxman.memory import format_bytes, system_memory
 from mlxman.models.resolve import read_config
 from mlxman.pool import loaders, policy
-from mlxman.pool.estimate import adapter_bytes, model_footprint
+from mlxman.pool.estimate import adapter_bytes, model_context, model_footprint
 from mlxman.pool.keys import Target, resolve_target
 from mlxman.pool.kinds import TEXT, VISION, check_adapter_allowed, resolve_kind
 from mlxman.pool.swap import AdapterWeights, Applied, SwapResult, check_applicable, read_adapter, swap
@@ -34,8 +33,6 @@ from mlxman.settings import (
 
 # How long a free polls for a base's lock while its holder swaps the freed adapter off (never a generation).
 STRIP_POLL_SECONDS = 0.001
-# Config keys that bound a model's positions, checked in this order (the first one set wins).
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
 @dataclass(eq=False)
@@ -109,31 +106,6 @@ def _validate_adapter(adapter_dir: Path, model_dir: Path) -> None:
 
 def _default_available() -> int:
     return system_memory().available
-
-
-def model_context(config: dict[str, Any], context_tokens: int) -> int:
-    """The context a model is admitted with: ``context_tokens``, or fewer when its config allows fewer.
-
-    Like Ollama, which caps num_ctx at the model's trained context. RoPE scaling (a ``factor`` over the
-    original positions) extends that bound.
-    """
-    text = config.get("text_config")
-    cfg = {**config, **text} if isinstance(text, dict) else config
-    bounds = [v for v in (cfg.get(k) for k in _CONTEXT_KEYS) if isinstance(v, int) and _positive(v)]
-    if not bounds:
-        return context_tokens
-    bound = bounds[0]
-    scaling = cfg.get("rope_scaling")
-    scaling = scaling if isinstance(scaling, dict) else {}
-    factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
-    if isinstance(factor, (int, float)) and factor > 1:
-        start = original if isinstance(original, int) and _positive(original) else bound
-        bound = max(bound, int(start * factor))
-    return min(context_tokens, bound)
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class ModelPool:
