@@ -59,6 +59,10 @@ class ServerError(MlxmanError):
     """The mlxman server cannot be reached or answered with an error."""
 
 
+class DistributedError(MlxmanError):
+    """A sharded run cannot start or goes on no further: a host, a rank or their versions."""
+
+
 class Interrupted(MlxmanError):
     """The user pressed Ctrl-C."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -77,6 +78,25 @@ def generate(
     memory_limit: MemoryLimitOption = None,
     context_length: ContextOption = None,
     max_models: MaxModelsOption = None,
+    hosts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--hosts", help="Shard the model over the machines of this hostfile (mlx.distributed_config's)."
+        ),
+    ] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option("--backend", help="With --hosts: ring or jaccl (default: the hostfile's, else ring)."),
+    ] = None,
+    shard: Annotated[
+        str, typer.Option("--shard", help="With --hosts: pipeline (whole blocks per machine) or tensor.")
+    ] = "pipeline",
+    rank_timeout: Annotated[
+        float,
+        typer.Option(
+            "--rank-timeout", help="With --hosts: seconds to wait for the ranks to join, and for each token."
+        ),
+    ] = 60.0,
 ) -> None:
     """Generate text, streaming tokens to stdout and stats to stderr."""
     request = GenerationRequest(
@@ -91,6 +111,22 @@ def generate(
     )
     request.check()
     adapters = [None if a.lower() == NO_ADAPTER else a for a in (adapter or [NO_ADAPTER])]
+    if hosts is not None:
+        from mlxman.cli.sharded import generate_sharded
+
+        generate_sharded(
+            hosts=hosts,
+            backend=backend,
+            shard=shard,
+            rank_timeout=rank_timeout,
+            model=model,
+            adapters=adapters,
+            request=request,
+            json_output=json_output,
+            memory_limit=memory_limit,
+            context_length=context_length,
+        )
+        return
     several = len(adapters) > 1
     side_by_side = several and not json_output and _wide_enough(len(adapters))
     stream = not json_output and not side_by_side

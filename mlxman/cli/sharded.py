@@ -1,0 +1,130 @@
+"""``mlxman generate --hosts``: one generation sharded over several machines, shown from rank 0's events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlxman.answers import Answer
+from mlxman.errors import UsageError
+from mlxman.generate import GenerationRequest, GenerationStats
+from mlxman.memory import format_bytes
+from mlxman.output import out
+
+
+def _rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    """Per-rank rows as narration on stderr, aligned like ``ollama ps``."""
+    table = [[h for h, _ in columns]]
+    for row in rows:
+        table.append(
+            [
+                str(row.get(key, "-")) if key in ("rank", "host") else format_bytes(row.get(key))
+                for _, key in columns
+            ]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for r in table:
+        out.info(
+            "[muted]  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "[/muted]"
+        )
+
+
+def generate_sharded(
+    *,
+    hosts: Path,
+    backend: str | None,
+    shard: str,
+    rank_timeout: float,
+    model: str,
+    adapters: list[str | None],
+    request: GenerationRequest,
+    json_output: bool,
+    memory_limit: str | None,
+    context_length: int | None,
+) -> None:
+    from mlxman.distributed.hostfile import read_hostfile
+    from mlxman.distributed.launch import ShardedJob, run_sharded
+    from mlxman.distributed.sharding import SHARD_MODES
+    from mlxman.models.resolve import resolve_model
+    from mlxman.settings import load_config, resolve_pool_limits
+
+    if shard not in SHARD_MODES:
+        raise UsageError(f"Unknown --shard {shard!r}", f"use one of {', '.join(SHARD_MODES)}")
+    if request.images:
+        raise UsageError("--image cannot be used with --hosts", "sharded runs take text models only")
+    if not rank_timeout > 0:
+        raise UsageError(
+            f"--rank-timeout must be positive, got {rank_timeout}", "pass e.g. --rank-timeout 60"
+        )
+    hostfile = read_hostfile(hosts, backend)
+    resolved = resolve_model(model)
+    adapter_dirs = tuple(str(Path(a).expanduser().resolve()) if a else None for a in adapters)
+    limits = resolve_pool_limits(context_length, None, load_config())
+    fields = ("prompt", "system", "raw", "max_tokens", "temperature", "top_p", "seed")
+    job = ShardedJob(
+        hostfile=hostfile,
+        model_dir=resolved.path.resolve(),
+        adapters=adapter_dirs,
+        mode=shard,
+        request={f: getattr(request, f) for f in fields},
+        context_tokens=limits.context_tokens,
+        memory_limit=memory_limit,
+        timeout=rank_timeout,
+    )
+    answers: list[dict[str, Any]] = []
+    several = len(adapters) > 1
+    state: dict[str, Any] = {"load_seconds": 0.0}
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "joined":
+            out.info(f"[muted]{event['size']} ranks joined over {hostfile.backend}[/muted]")
+        elif kind == "loaded":
+            state["load_seconds"] = float(event["seconds"])
+            out.info(f"[muted]Loaded the {shard} shards in {event['seconds']:.2f}s; memory per rank:[/muted]")
+            _rows(
+                event["rows"],
+                [
+                    ("RANK", "rank"),
+                    ("HOST", "host"),
+                    ("ESTIMATED", "weights_bytes"),
+                    ("MEASURED", "measured_bytes"),
+                    ("MLX ACTIVE", "active_bytes"),
+                ],
+            )
+        elif kind == "answer":
+            answer = Answer(model, event.get("adapter"))
+            answer.swap_seconds = float(event.get("swap_seconds") or 0.0)
+            answer.base_was_resident = bool(answers) or bool(state.get("current"))
+            answer.load_seconds = 0.0 if answer.base_was_resident else state["load_seconds"]
+            state["current"] = answer
+            if several and not json_output:
+                out.stdout.print(f"[title]── {answer.label} ──[/title]")
+        elif kind == "text":
+            state["current"].text += event["text"]
+            if not json_output:
+                out.text(event["text"], end="")
+        elif kind == "answer_end":
+            answer = state["current"]
+            answer.stats = GenerationStats(**event["stats"])
+            if not json_output:
+                out.text("")
+            from mlxman.cli.generate import stats_line
+
+            out.info(f"[muted]{stats_line(answer)}[/muted]")
+            _rows(
+                event["rows"],
+                [
+                    ("RANK", "rank"),
+                    ("HOST", "host"),
+                    ("WEIGHTS", "weights_bytes"),
+                    ("KV", "kv_bytes"),
+                    ("ADAPTER", "adapter_bytes"),
+                    ("MLX ACTIVE", "active_bytes"),
+                ],
+            )
+            answers.append({**answer.as_dict(), "shard": shard, "ranks": event["rows"]})
+
+    run_sharded(job, on_event)
+    if json_output:
+        out.json(answers)
