@@ -159,7 +159,7 @@ def test_missing_model_path(tmp_path: Path) -> None:
 
 def test_uncached_hub_id() -> None:
     proc = run_subprocess("generate", "--model", "no-such-org/no-such-model", "--prompt", "hi")
-    assert_clean_error(proc, 1, "huggingface-cli download no-such-org/no-such-model")
+    assert_clean_error(proc, 1, "mlxman pull no-such-org/no-such-model")
 
 
 def test_adapter_failing_validation_shows_findings(demo_kit: DemoKit, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ LONG_NAME = "n" * 300
 
 
 def fake_hub_cache(root: Path, repo: str, revision: str) -> Path:
-    """The Hugging Face cache layout for one snapshot, as huggingface-cli download leaves it."""
+    """The Hugging Face cache layout for one snapshot, as a download (`mlxman pull`, `hf download`) leaves it."""
     folder = root / ("models--" + repo.replace("/", "--"))
     snapshot = folder / "snapshots" / revision
     snapshot.mkdir(parents=True)
@@ -51,7 +51,7 @@ def test_cached_hub_id_and_its_pool_id(tmp_path: Path, monkeypatch: pytest.Monke
     [
         ("", ModelError, "No model given"),
         ("./missing-dir", NotFoundError, "does not exist"),
-        ("org/not-cached", NotFoundError, "huggingface-cli download org/not-cached"),
+        ("org/not-cached", NotFoundError, "mlxman pull org/not-cached"),
     ],
 )
 def test_errors(spec: str, error: type[Exception], needle: str) -> None:

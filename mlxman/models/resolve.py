@@ -69,9 +69,10 @@ def _resolve_spec(spec: str, revision: str | None) -> ResolvedModel:
         )
     path = _from_hf_cache(spec, revision)
     if path is None:
+        wanted = f"{spec}@{revision}" if revision else spec
         raise NotFoundError(
             f"Model {spec} is not a local directory and is not in the Hugging Face cache",
-            f"download it first with `huggingface-cli download {spec}`, or pass a local path",
+            f"fetch it first with `mlxman pull {wanted}`, or pass a local path",
         )
     rev = path.name
     return ResolvedModel(id=f"{spec}@{rev}", path=path, repo_id=spec, revision=rev)
