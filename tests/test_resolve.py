@@ -18,7 +18,7 @@ LONG_NAME = "n" * 300
 
 
 def fake_hub_cache(root: Path, repo: str, revision: str) -> Path:
-    """The Hugging Face cache layout for one snapshot, as a download (`mlxman pull`, `hf download`) leaves it."""
+    """The Hugging Face cache layout for one snapshot, as `mlxman pull` or `hf download` leaves it."""
     folder = root / ("models--" + repo.replace("/", "--"))
     snapshot = folder / "snapshots" / revision
     snapshot.mkdir(parents=True)
