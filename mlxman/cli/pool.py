@@ -24,6 +24,7 @@ from mlxman.client import (
 )
 from mlxman.errors import ServerError
 from mlxman.files import exists, path_problem
+from mlxman.library.aliases import lookup as lookup_alias
 from mlxman.memory import Budget, format_bytes, resolve_budget, system_memory
 from mlxman.output import out
 from mlxman.settings import HOST_ENV, PoolLimits, load_config, resolve_pool_limits
@@ -46,12 +47,18 @@ ELLIPSIS = "…"
 NAME_MIN_WIDTH = 16
 NAME_PART_MIN_WIDTH = 8
 COLUMNS = ("NAME", "KIND", "SIZE", "CONTEXT", "PINNED", "IN USE", "UNTIL")
+ALIAS_COLUMN = "ALIAS"
 
 
 def local_spec(spec: str) -> str:
-    """Make local paths absolute (the server may run in another directory); other names pass unchanged."""
+    """Make local paths absolute (the server may run in another directory); other names, and names of
+    `mlxman alias` (which win over a folder of the same name here), pass unchanged."""
     parts = spec.split(SEPARATOR, 1)
-    fixed = [str(Path(p).expanduser().resolve()) if p and _is_local(p) else p for p in parts]
+    named = lookup_alias(parts[0]) is not None
+    fixed = [
+        str(Path(p).expanduser().resolve()) if p and _is_local(p) and not (named and i == 0) else p
+        for i, p in enumerate(parts)
+    ]
     return SEPARATOR.join(fixed)
 
 
@@ -148,16 +155,21 @@ def render_pool(status: dict[str, Any], where: str) -> None:
         ]
         for e in entries
     ]
+    headers: tuple[str, ...] = COLUMNS
+    if any(e.get("names") for e in entries):
+        # The `mlxman alias` names that stand for an entry, beside its own name.
+        headers = (COLUMNS[0], ALIAS_COLUMN, *COLUMNS[1:])
+        rows = [[", ".join(e.get("names") or []) or "-", *row] for e, row in zip(entries, rows, strict=True)]
     if rows:
         # One space between columns; what the other columns leave is the names' room.
-        columns = zip(*[COLUMNS[1:], *rows], strict=True)
+        columns = zip(*[headers[1:], *rows], strict=True)
         others = sum(max(cell_len(c) for c in column) + 1 for column in columns)
         room = max(out.stdout.width - others, NAME_MIN_WIDTH)
         table = Table(box=None, header_style="title", pad_edge=False, padding=(0, 1, 0, 0))
-        for column in COLUMNS:
+        for column in headers:
             table.add_column(column, no_wrap=True)
         for e, row in zip(entries, rows, strict=True):
-            table.add_row(escape(fit_name(names[e["key"]], room)), *row)
+            table.add_row(escape(fit_name(names[e["key"]], room)), *(escape(c) for c in row))
         out.show(table)
     else:
         out.text("The pool is empty.")

@@ -192,6 +192,19 @@ def scan(
     )
 
 
+def scan_folders(roots: Iterable[Path]) -> tuple[list[ModelEntry], list[AdapterEntry]]:
+    """The models and adapters under ``roots`` as found (not described): the folder walk of ``ls``, bounded
+    the same way, for what a server with these roots may serve (its ``/v1/models``)."""
+    problems: list[str] = []
+    models: list[ModelEntry] = []
+    adapters: list[AdapterEntry] = []
+    for root in roots:
+        found_models, found_adapters = _folder_entries(root, problems)
+        models.extend(found_models)
+        adapters.extend(found_adapters)
+    return _dedupe(models), adapters
+
+
 def list_names() -> list[NameEntry]:
     """The names of ``mlxman alias``, each checked for a model (and adapter) still there."""
     # Integration point with mlxman.library.aliases (the name store): read through its loader only.

@@ -13,6 +13,7 @@ from mlxman import __version__
 from mlxman.errors import UsageError
 from mlxman.pool import EntryStatus, Estimate, parse_keep_alive
 from mlxman.pool.keys import SEPARATOR
+from mlxman.server.listing import entry_names
 from mlxman.server.schemas import EstimateRequest, KeyRequest, LoadRequest
 from mlxman.server.security import ADMIN_SCOPE_KEY, ModelRef, check_names
 from mlxman.server.state import ServerState
@@ -94,7 +95,11 @@ def server_info(request: Request) -> dict[str, Any]:
 @router.get("")
 def pool_status(request: Request) -> dict[str, Any]:
     state = _state(request)
-    return state.pool.status().as_dict(state.config.budget)
+    status = state.pool.status().as_dict(state.config.budget)
+    names = entry_names([e["key"] for e in status["entries"]])
+    for entry in status["entries"]:
+        entry["names"] = names.get(entry["key"], [])  # the `mlxman alias` names that stand for it
+    return status
 
 
 @router.post("/load")

@@ -23,6 +23,7 @@ from mlxman.generate import GenerationRequest
 from mlxman.pool import parse_keep_alive
 from mlxman.server.errors import describe
 from mlxman.server.jobs import EngineJob, GenerationJob
+from mlxman.server.listing import servable_models
 from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
 from mlxman.server.security import ModelRef
 from mlxman.server.state import ServerState
@@ -53,16 +54,10 @@ def _note(request: Request, key: str, extra: str = "") -> None:
 
 @router.get("/models")
 def list_models(request: Request) -> dict[str, Any]:
+    """What the server would serve now, loaded or not (see server/listing.py); on the cheap-route threads."""
     state = _state(request)
     entries = state.pool.status().entries
-    created = int(state.started)
-    return {
-        "object": "list",
-        "data": [
-            {"id": e.key, "object": "model", "created": created, "owned_by": "mlxman", "kind": e.kind}
-            for e in entries
-        ],
-    }
+    return {"object": "list", "data": servable_models(state.policy, entries, int(state.started))}
 
 
 @router.post("/chat/completions", response_model=None)

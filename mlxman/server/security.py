@@ -12,6 +12,8 @@ from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 
 from mlxman.errors import MlxmanError, NotFoundError, UsageError
+from mlxman.library.aliases import Alias
+from mlxman.library.aliases import lookup as lookup_alias
 from mlxman.pool.keys import SEPARATOR as KEY_SEPARATOR
 
 
@@ -123,7 +125,36 @@ class PathPolicy:
         check_names(model_part, "model")
         if adapter_part is not None:
             check_names(adapter_part, "adapter")
+        alias = lookup_alias(model_part)
+        if alias is not None:
+            return self._resolve_alias(alias, adapter_part, loaded)
         return self._resolve(model_part, adapter_part, loaded)
+
+    def _resolve_alias(self, alias: Alias, adapter_part: str | None, loaded: Collection[str]) -> ModelRef:
+        """A name (``mlxman alias``) is served only when what it stands for would be: the roots apply to its
+        target's paths, as if the request had named them. Refusals do not show the target."""
+        if alias.adapter is not None and adapter_part is not None and adapter_part != alias.adapter:
+            raise UsageError(
+                f"The name {alias.name!r} already stands for a model with an adapter, and an adapter was "
+                "given too",
+                f"send `{alias.name}` alone",
+            )
+        adapter = alias.adapter if alias.adapter is not None else adapter_part
+        model = alias.model
+        try:
+            if not Path(model).is_absolute():
+                # A Hugging Face id: served when loaded, else by its snapshot, which must be in a root.
+                bases = {key.partition(KEY_SEPARATOR)[0] for key in loaded}
+                model = self._loaded_alias(model, bases) or (str(_snapshot(model)) if self.roots else model)
+            return self._resolve(model, adapter, loaded)
+        except AccessDenied as exc:
+            raise AccessDenied(
+                f"The name {alias.name!r} stands for a model or adapter this server does not serve", exc.hint
+            ) from None
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"The name {alias.name!r} stands for a model or adapter that is not there", exc.hint
+            ) from None
 
     def loaded_key(self, spec: str, loaded: Collection[str]) -> str:
         """The loaded entry ``spec`` names (for unload, pin and unpin): never a path on disk beyond that."""
@@ -238,6 +269,12 @@ class PathPolicy:
                 if path.is_dir() and path not in seen:
                     seen.add(path)
                     pending.append(path)
+
+
+def _snapshot(repo_id: str) -> Path:
+    from mlxman.models.resolve import resolve_model
+
+    return resolve_model(repo_id).path
 
 
 def check_names(text: str, what: str) -> None:

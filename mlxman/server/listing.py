@@ -1,0 +1,135 @@
+"""What ``/v1/models`` lists: every id this server would serve now, loaded or not, from files' JSON alone.
+
+That is the pool's entries, the names of ``mlxman alias`` whose targets the path policy admits, and, under the
+server's roots, the models there and each adapter there on a base it would serve (a model under the roots or a
+loaded one). Without roots the server serves only what is loaded, so only that (and names for it) is listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlxman.errors import MlxmanError
+from mlxman.library.aliases import load_aliases, names_by_key
+from mlxman.pool.keys import SEPARATOR
+from mlxman.pool.views import EntryStatus
+from mlxman.server.security import PathPolicy
+
+log = logging.getLogger("mlxman.server")
+
+OWNER = "mlxman"
+
+
+def entry_names(keys: list[str]) -> dict[str, list[str]]:
+    """The names for each pool key; none when the names file cannot be read (the pool still answers)."""
+    try:
+        return names_by_key(keys)
+    except MlxmanError as exc:
+        log.warning("names not shown: %s", exc.message)
+        return {key: [] for key in keys}
+
+
+def servable_models(policy: PathPolicy, entries: list[EntryStatus], created: int) -> list[dict[str, Any]]:
+    """OpenAI-shaped model objects, loaded entries first, each id once; ``loaded``, ``kind``, ``names`` and
+    ``target`` are mlxman's own fields."""
+    loaded = {e.key for e in entries}
+    names = entry_names(sorted(loaded))
+    listed: dict[str, dict[str, Any]] = {}
+
+    def add(model_id: str, kind: str | None, key: str, **extra: Any) -> None:
+        if model_id not in listed:
+            listed[model_id] = {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": OWNER,
+                "kind": kind,
+                "loaded": key in loaded,
+                **extra,
+            }
+
+    kinds = {e.key: e.kind for e in entries}
+    for e in entries:
+        add(e.key, e.kind, e.key, names=names.get(e.key, []))
+    for name, key in _names(policy, loaded):
+        add(name, kinds.get(key.partition(SEPARATOR)[0]), key, target=key)
+    if policy.roots:
+        for model_id, kind in _under_roots(policy, kinds):
+            add(model_id, kind, model_id)
+    return list(listed.values())
+
+
+def _names(policy: PathPolicy, loaded: set[str]) -> list[tuple[str, str]]:
+    """Each name the policy admits, with the pool key it stands for."""
+    try:
+        aliases = load_aliases()
+    except MlxmanError as exc:
+        log.warning("names not listed: %s", exc.message)
+        return []
+    found = []
+    for name in sorted(aliases):
+        try:
+            found.append((name, policy.resolve(name, loaded).key))
+        except (MlxmanError, OSError):
+            continue  # not served here (outside the roots, not loaded, or gone): not listed
+    return found
+
+
+def _under_roots(policy: PathPolicy, kinds: dict[str, str]) -> list[tuple[str, str | None]]:
+    """Models under the roots, and adapters there on each base the server would serve, as ids with kinds;
+    ``kinds`` holds the pool's keys and their kinds."""
+    from mlxman.library.catalog import scan_folders
+
+    loaded = set(kinds)
+    models, adapters = scan_folders(policy.roots)
+    found: list[tuple[str, str | None]] = []
+    # What an adapter's config may name its base by -> the base's id here, and its kind.
+    bases: dict[str, tuple[str, str | None]] = {}
+    for key, kind in kinds.items():
+        if SEPARATOR not in key:
+            bases[key] = (key, kind)
+            if "@" in key and not key.startswith("/"):
+                bases.setdefault(key.partition("@")[0], (key, kind))  # repo@revision, named by its repo
+    for model in models:
+        if model.path is None or model.error is not None:
+            continue
+        try:
+            model_id = policy.resolve(model.path, loaded).key
+        except (MlxmanError, OSError):
+            continue
+        model_kind = kinds.get(model_id) or _kind(Path(model.path))
+        bases.setdefault(model.path, (model_id, model_kind))
+        found.append((model_id, model_kind))
+    for adapter in adapters:
+        base = bases.get(_normal(adapter.base)) if adapter.error is None else None
+        if base is None:
+            continue
+        try:
+            found.append((policy.resolve(f"{base[0]}{SEPARATOR}{adapter.path}", loaded).key, base[1]))
+        except (MlxmanError, OSError):
+            continue
+    return found
+
+
+def _normal(spec: str | None) -> str:
+    """An adapter's recorded base as the keys spell it: a path resolved, a Hugging Face id as it is."""
+    if not spec:
+        return ""
+    if spec.startswith(("/", "~", ".")):
+        try:
+            return str(Path(spec).expanduser().resolve())
+        except (OSError, RuntimeError, ValueError):
+            return spec
+    return spec
+
+
+def _kind(path: Path) -> str | None:
+    from mlxman.models.resolve import read_config
+    from mlxman.pool.kinds import detect_kind
+
+    try:
+        return detect_kind(path, read_config(path))
+    except (MlxmanError, OSError, ValueError):
+        return None
