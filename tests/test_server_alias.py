@@ -141,6 +141,10 @@ def test_requests_by_name(server: Server, demo_kit: DemoKit, root: Path, names_h
     ]
     table = run_cli("pool", "status", "--host", server.host, env={"COLUMNS": "200"}).stdout
     assert "ALIAS" in table and "numbers-chat" in table
+    # A name wins over an entry's short name in the table (the base shows as text-model).
+    set_alias("text-model", f"{demo_kit.model}::{root / 'numbers'}")
+    unpinned = run_cli("pool", "unpin", "text-model", "--host", server.host, "--json")
+    assert unpinned.exit_code == 0 and json.loads(unpinned.stdout)["key"] == reply.model
     assert run_cli("pool", "unload", "numbers-chat", "--host", server.host).exit_code == 0
 
     # A name removed is gone at once: the same word is now only a (missing) path under the root.

@@ -292,9 +292,10 @@ def _keyed(
 
 
 def _full_key(client: PoolClient, key: str) -> str:
-    """A name from the `pool status` table back to its key; paths made absolute; anything else as typed."""
+    """A name from the `pool status` table back to its key; paths made absolute; anything else (a name of
+    `mlxman alias` first: the server resolves it) as typed."""
     spec = local_spec(key)
-    if spec != key:
+    if spec != key or lookup_alias(key) is not None:
         return spec
     keys = [e["key"] for e in client.status().get("entries", [])]
     return match_name(key, keys) or key
