@@ -93,10 +93,14 @@ def _local_model(spec: str, local: Path) -> ResolvedModel:
 
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
         found = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except IncompleteSnapshotError as exc:
+        # Files the cached file list names are absent: a download by pattern (mlx-lm's, `mlxman pull`) leaves
+        # out READMEs and foreign weights. Whether what a loader needs is there is checked where it loads.
+        found = exc.snapshot_path
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         return None
     path = Path(found)
