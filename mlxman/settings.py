@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +88,8 @@ def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
     if path_problem(path) == MISSING:
         return Config(path=path, exists=False)
+    import tomllib  # only when there is a file: `mlxman --help` reads none
+
     try:
         values = tomllib.loads(
             read_bounded(path, SETTINGS_MAX_BYTES, "a config file", allow_empty=True).decode()

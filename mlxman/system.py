@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from importlib import metadata
 
 from mlxman.memory import SystemMemory, system_memory
 
@@ -63,15 +62,21 @@ def machine_info() -> MachineInfo:
 def mlx_info() -> MlxInfo:
     """MLX's version and device; importing mlx.core is cheap (tens of ms) unlike mlx_lm."""
     try:
-        version = metadata.version("mlx")
-    except metadata.PackageNotFoundError:
-        version = None
-    try:
         import mlx.core as mx
 
+        version = str(getattr(mx, "__version__", "")) or _installed_version("mlx")
         return MlxInfo(version=version, device=device_name(mx.default_device()))
     except Exception as exc:  # a broken MLX install must not break status
-        return MlxInfo(version, None, error=f"{type(exc).__name__}: {exc}")
+        return MlxInfo(_installed_version("mlx"), None, error=f"{type(exc).__name__}: {exc}")
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib import metadata  # tens of ms to import: only when MLX itself cannot say
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def mlx_memory() -> MlxMemory:

@@ -1,4 +1,4 @@
-"""The root command: it only wires the command groups together."""
+"""The root command: it only wires the command groups together, each imported when it runs."""
 
 from __future__ import annotations
 
@@ -7,12 +7,59 @@ from typing import Annotated
 import typer
 
 from mlxman import __version__
-from mlxman.cli import adapter, alias, demo, embed, generate, pool, serve, status
-from mlxman.cli.errors import MlxmanGroup
+from mlxman.cli.lazy import Lazy, LazyGroup
+
+# Every command: its name, where it lives ("module:attr", a function or a typer.Typer group) and the line
+# `mlxman --help` lists for it (the first line of its own help; tests/test_cli_startup.py checks they agree).
+COMMANDS = {
+    "generate": Lazy(
+        "mlxman.cli.generate:generate", "Generate text, streaming tokens to stdout and stats to stderr."
+    ),
+    "embed": Lazy("mlxman.cli.embed:embed", "Embed texts: dimensions and norms, or the vectors with --json."),
+    "demo": Lazy(
+        "mlxman.cli.demo:demo",
+        "Build (once) a small local model and adapters, then compare their answers over one resident base.",
+    ),
+    "status": Lazy(
+        "mlxman.cli.status:status",
+        "Show the machine, MLX, the pool budget, and a running server's MLX memory, threads and pool.",
+    ),
+    "ls": Lazy(
+        "mlxman.cli.library:ls",
+        "List the models and adapters on this machine: kind, size, memory estimate, and whether each fits.",
+    ),
+    "pull": Lazy(
+        "mlxman.cli.pull:pull",
+        "Download a model or adapter from the Hugging Face Hub (only the files MLX loads), then check it.",
+    ),
+    "rm": Lazy(
+        "mlxman.cli.pull:rm",
+        "Remove a model or adapter from the Hugging Face cache; refused while a running server holds it.",
+    ),
+    "serve": Lazy(
+        "mlxman.cli.serve:serve",
+        "Serve the pool over HTTP: OpenAI-compatible /v1 endpoints plus pool admin; stop with Ctrl-C.",
+    ),
+    "adapter": Lazy("mlxman.cli.adapter:app", "Validate, inspect, convert and fuse LoRA adapters."),
+    "pool": Lazy(
+        "mlxman.cli.pool:app",
+        "Show and steer the pool of a running `mlxman serve` (like `ollama ps` / `lms ps`).",
+    ),
+    "alias": Lazy(
+        "mlxman.cli.alias:app",
+        "Short names for models and model+adapter pairs: `mlxman alias NAME MODEL[::ADAPTER]`, then "
+        "`generate -m NAME`, a request's `model`, `pool load NAME`.",
+    ),
+}
+
+
+class RootGroup(LazyGroup):
+    registry = COMMANDS
+
 
 app = typer.Typer(
     name="mlxman",
-    cls=MlxmanGroup,
+    cls=RootGroup,
     help="Run, pool and check MLX models and LoRA adapters on one machine's memory.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,16 +81,6 @@ def root(
     ] = False,
 ) -> None:
     """Run, pool and check MLX models and LoRA adapters on one machine's memory."""
-
-
-app.command("generate")(generate.generate)
-app.command("embed")(embed.embed)
-app.command("demo")(demo.demo)
-app.command("status")(status.status)
-app.add_typer(adapter.app, name="adapter")
-app.add_typer(pool.app, name="pool")
-app.add_typer(alias.app, name="alias")
-app.command("serve")(serve.serve)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlxman.settings import HOST_ENV
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 MemoryLimitOption = Annotated[
     Optional[str],
@@ -13,6 +15,10 @@ MemoryLimitOption = Annotated[
         "--memory-limit",
         help="Pool memory budget: 8GB, 512MiB or 75% (of RAM); default $MLXMAN_MEMORY_LIMIT, config, 75%.",
     ),
+]
+HostOption = Annotated[
+    Optional[str],
+    typer.Option("--host", help=f"Server address, host:port (default: ${HOST_ENV}, else 127.0.0.1:11435)."),
 ]
 ApiKeyEnvOption = Annotated[
     Optional[str],

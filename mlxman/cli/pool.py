@@ -12,7 +12,7 @@ from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
-from mlxman.cli.options import ApiKeyEnvOption, ContextOption, JsonOption, MemoryLimitOption
+from mlxman.cli.options import ApiKeyEnvOption, ContextOption, HostOption, JsonOption, MemoryLimitOption
 from mlxman.client import (
     PROBE_TIMEOUT,
     Address,
@@ -27,17 +27,13 @@ from mlxman.files import exists, path_problem
 from mlxman.library.aliases import lookup as lookup_alias
 from mlxman.memory import Budget, format_bytes, resolve_budget, system_memory
 from mlxman.output import out
-from mlxman.settings import HOST_ENV, PoolLimits, load_config, resolve_pool_limits
+from mlxman.settings import PoolLimits, load_config, resolve_pool_limits
 
 app = typer.Typer(
     help="Show and steer the pool of a running `mlxman serve` (like `ollama ps` / `lms ps`).",
     no_args_is_help=True,
 )
 
-HostOption = Annotated[
-    Optional[str],
-    typer.Option("--host", help=f"Server address, host:port (default: ${HOST_ENV}, else 127.0.0.1:11435)."),
-]
 KeyArgument = Annotated[
     str, typer.Argument(help="MODEL or MODEL::ADAPTER, or the NAME `pool status` shows for it.")
 ]

@@ -8,8 +8,7 @@ from typing import Any, Literal
 from rich.markup import escape
 from rich.table import Table
 
-from mlxman.cli.options import ApiKeyEnvOption, JsonOption, MemoryLimitOption
-from mlxman.cli.pool import HostOption
+from mlxman.cli.options import ApiKeyEnvOption, HostOption, JsonOption, MemoryLimitOption
 from mlxman.client import Address
 from mlxman.memory import Budget, format_bytes, resolve_budget
 from mlxman.output import out

@@ -146,8 +146,10 @@ def scan(
     budget_bytes: int | None = None,
     context_tokens: int | None = None,
     memory_limit: str | None = None,
+    context_length: int | None = None,
 ) -> Library:
-    """The whole listing, with the budget and the places looked at (for ``mlxman ls``)."""
+    """The whole listing, with the budget and the places looked at (for ``mlxman ls``). ``memory_limit``
+    and ``context_length`` are the flags, resolved as a pool resolves them."""
     from mlxman.settings import load_config, model_dirs, resolve_pool_limits
 
     config = load_config()
@@ -160,7 +162,7 @@ def scan(
     else:
         budget_source = "given"
     if context_tokens is None:
-        context_tokens = resolve_pool_limits(None, None, config).context_tokens
+        context_tokens = resolve_pool_limits(context_length, None, config).context_tokens
     dirs, dirs_source = model_dirs(config)
     cache = hf_cache_dir()
 
