@@ -392,3 +392,75 @@ def test_rm_of_a_name_says_which_rm_is_meant(hub: LocalHub, hf_home: Path, demo_
     assert mlxman(hub, hf_home, "alias", "chat", str(demo_kit.model)).returncode == 0
     proc = mlxman(hub, hf_home, "rm", "chat", "--yes")
     assert_clean_error(proc, 2, "'chat' is a name for", "mlxman alias rm chat")
+
+
+def test_holders_match_ids_and_paths_of_the_removed_revisions_only(tmp_path: Path) -> None:
+    from mlxman.library.hub import CachedRevision, Removal, holders
+
+    repo = tmp_path / "models--org--m"
+    old, new = "a" * 40, "b" * 40
+    removal = Removal(
+        repo_id="org/m",
+        repo_path=repo,
+        revisions=[CachedRevision(old, [], 10, repo / "snapshots" / old)],
+        freed_bytes=10,
+        whole_repo=False,
+    )
+    pool = {
+        "entries": [
+            {"key": f"org/m@{old}"},
+            {"key": f"org/m@{new}"},  # the revision that stays
+            {"key": f"org/m-2@{old}"},  # another repo sharing the prefix
+            {"key": f"/base::{repo}/snapshots/{old}"},  # an adapter inside the removed snapshot
+            {"key": f"{repo}/snapshots/{new}"},
+            {"key": "/elsewhere", "parent": f"org/m@{old}"},
+        ]
+    }
+    assert holders(removal, pool) == [f"org/m@{old}", f"/base::{repo}/snapshots/{old}", "/elsewhere"]
+    whole = Removal(
+        "org/m",
+        repo,
+        [*removal.revisions, CachedRevision(new, ["main"], 1, repo / "snapshots" / new)],
+        11,
+        True,
+    )
+    assert len(holders(whole, pool)) == 5
+    assert holders(whole, {"entries": [{"key": "org/m@main"}, {"key": "org/m"}]}) == ["org/m@main", "org/m"]
+
+
+@pytest.mark.parametrize(
+    ("text", "repo_id", "revision"),
+    [
+        ("org/name", "org/name", None),
+        ("org/name@v1.0", "org/name", "v1.0"),
+        (" a.b/c_d-1@refs/pr/3 ", "a.b/c_d-1", "refs/pr/3"),
+    ],
+)
+def test_repo_specs(text: str, repo_id: str, revision: str | None) -> None:
+    from mlxman.library.hub import parse_spec
+
+    spec = parse_spec(text)
+    assert (spec.repo_id, spec.revision) == (repo_id, revision)
+
+
+def test_rm_of_one_revision_keeps_the_blobs_another_revision_shares(
+    repos: list[HubRepo], hf_home: Path
+) -> None:
+    repo = HubRepo(MODEL, dict(by_id(repos, MODEL).files))
+    with local_hub([repo]) as server:
+        assert mlxman(server, hf_home, "pull", MODEL).returncode == 0
+        old = repo.sha
+        config = json.loads(repo.files["config.json"])
+        repo.files["config.json"] = json.dumps({**config, "note": "a new commit"}).encode()
+        assert repo.sha != old
+        assert mlxman(server, hf_home, "pull", MODEL).returncode == 0
+        proc = mlxman(server, hf_home, "rm", f"{MODEL}@{old[:10]}", "--yes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [r["commit"] for r in result["removed"]["revisions"]] == [old]
+    assert result["freed_bytes"] == len(by_id(repos, MODEL).files["config.json"])  # the rest is shared
+    folder = repo_folder(hf_home, MODEL)
+    assert not (folder / "snapshots" / old).exists()
+    assert (folder / "snapshots" / repo.sha / "model.safetensors").read_bytes() == repo.files[
+        "model.safetensors"
+    ]
