@@ -275,3 +275,36 @@ def test_alias_commands_import_nothing_heavy(demo_kit: DemoKit) -> None:
     assert run_cli("alias", "chat", pair(demo_kit)).exit_code == 0
     assert imported_heavy_modules("alias", "ls") == []
     assert imported_heavy_modules("alias", "base", str(demo_kit.model)) == []
+
+
+def test_a_name_for_a_cached_hub_id(
+    demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    from mlxman.server.security import AccessDenied, PathPolicy
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    revision = "c" * 40
+    repo = hub / "models--org--tiny"
+    shutil.copytree(demo_kit.model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+    alias, _ = set_alias("tiny", "org/tiny")
+    assert alias.model == "org/tiny"  # kept as an id: the name follows the cache's main revision
+    key = f"org/tiny@{revision}"
+    assert resolve_target("tiny").key == key
+    assert names_by_key([key]) == {key: ["tiny"]}
+    answer = run_cli("generate", "-m", "tiny", "-p", DEMO_PROMPT, "--max-tokens", "4")
+    assert answer.exit_code == 0, answer.stderr
+
+    # On a server: loaded, it is served by its key; else only when its snapshot lies under a root.
+    assert PathPolicy().resolve("tiny", {key}).key == key
+    with pytest.raises(AccessDenied):
+        PathPolicy().resolve("tiny", set())
+    assert PathPolicy([hub]).resolve("tiny", set()).model == str((repo / "snapshots" / revision).resolve())
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(AccessDenied, match="'tiny'"):
+        PathPolicy([tmp_path / "elsewhere"]).resolve("tiny", set())
