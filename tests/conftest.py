@@ -31,7 +31,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     home = tmp_path / "mlxman-home"
     home.mkdir()
     monkeypatch.setenv("MLXMAN_HOME", str(home))
-    for name in ("MLXMAN_MEMORY_LIMIT", "MLXMAN_DEBUG", "MLXMAN_HOST"):
+    for name in ("MLXMAN_MEMORY_LIMIT", "MLXMAN_DEBUG", "MLXMAN_HOST", "MLXMAN_MODEL_DIRS"):
         monkeypatch.delenv(name, raising=False)
     yield home
 
