@@ -159,7 +159,9 @@ def test_pull_fetches_only_what_mlx_loads_checks_it_and_generate_finds_it(
         assert not hub.downloads(name), f"{name} was fetched"
     assert (repo_folder(hf_home, MODEL) / "refs" / "main").read_text() == by_id(repos, MODEL).sha
     assert f"mlxman generate -m {MODEL}" in proc.stderr
-    # What was pulled is what the rest of mlxman finds by id, offline.
+    # What was pulled is what the rest of mlxman lists and finds by id, offline.
+    listed = mlxman(hub, hf_home, "ls", HF_HUB_OFFLINE="1")
+    assert listed.returncode == 0 and MODEL in listed.stdout, listed.stderr
     gen = mlxman(hub, hf_home, "generate", "-m", MODEL, "-p", "hi", "--max-tokens", "2", HF_HUB_OFFLINE="1")
     assert gen.returncode == 0, gen.stderr
 
