@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 from typer.core import TyperGroup
 
 from mlxman.cli.options import JsonOption
@@ -69,10 +70,16 @@ def ls(json_output: JsonOption = False) -> None:
         out.info("No names yet.")
         out.hint("Name a model with `mlxman alias NAME MODEL[::ADAPTER]`.")
         return
-    out.table(
-        ["name", "model", "adapter", "status"],
-        [(escape(a.name), escape(a.model), escape(a.adapter or "-"), escape(p or "ok")) for a, p in rows],
-    )
+    # Paths fold rather than being cut: their ends tell models apart.
+    table = Table(box=None, header_style="title", pad_edge=False)
+    table.add_column("NAME", no_wrap=True)
+    for column in ("MODEL", "ADAPTER", "STATUS"):
+        table.add_column(column, overflow="fold")
+    for alias, problem in rows:
+        table.add_row(
+            escape(alias.name), escape(alias.model), escape(alias.adapter or "-"), escape(problem or "ok")
+        )
+    out.show(table)
 
 
 def _problem(alias: Alias) -> str | None:
