@@ -81,6 +81,7 @@ def generate_sharded(
             out.info(f"[muted]{event['size']} ranks joined over {hostfile.backend}[/muted]")
         elif kind == "loaded":
             state["load_seconds"] = float(event["seconds"])
+            state["measured"] = {row["rank"]: row["measured_bytes"] for row in event["rows"]}
             out.info(f"[muted]Loaded the {shard} shards in {event['seconds']:.2f}s; memory per rank:[/muted]")
             _rows(
                 event["rows"],
@@ -98,6 +99,7 @@ def generate_sharded(
             answer.base_was_resident = bool(answers) or bool(state.get("current"))
             answer.load_seconds = 0.0 if answer.base_was_resident else state["load_seconds"]
             state["current"] = answer
+            state["swap"] = event.get("swap")
             if several and not json_output:
                 out.stdout.print(f"[title]── {answer.label} ──[/title]")
         elif kind == "text":
@@ -123,7 +125,9 @@ def generate_sharded(
                     ("MLX ACTIVE", "active_bytes"),
                 ],
             )
-            answers.append({**answer.as_dict(), "shard": shard, "ranks": event["rows"]})
+            measured = state.get("measured", {})
+            ranks = [{**row, "weights_measured_bytes": measured.get(row["rank"])} for row in event["rows"]]
+            answers.append({**answer.as_dict(), "shard": shard, "swap": state["swap"], "ranks": ranks})
 
     run_sharded(job, on_event)
     if json_output:

@@ -192,11 +192,11 @@ def _error_from_event(event: dict[str, Any], follow: _Follow) -> MlxmanError:
     return cls(message, str(hint) if hint else None)
 
 
-def _death(follow: _Follow) -> MlxmanError:
-    """What to say when the run ended without rank 0's "done" and without an error event."""
-    # The first rank to fail is the one that did not end by mlx.launch's own SIGTERM (-15).
-    failed = [(r, c) for r, c in sorted(follow.exits.items()) if c not in (0, -signal.SIGTERM)]
-    failed = failed or [(r, c) for r, c in sorted(follow.exits.items()) if c != 0]
+def _death(follow: _Follow, reporter: int | None = None) -> MlxmanError | None:
+    """What to say about a rank that died (not ``reporter``, which saw it go), or None when none did."""
+    # The rank that failed first did not end by mlx.launch's SIGTERM (-15), nor by its own error (1).
+    exits = [(r, c) for r, c in sorted(follow.exits.items()) if r != reporter and c != 0]
+    failed = [(r, c) for r, c in exits if c not in (1, -signal.SIGTERM)] or exits
     when = "while generating" if follow.loaded else "while loading" if follow.joined else "while starting"
     if failed:
         rank, code = failed[0]
@@ -211,6 +211,8 @@ def _death(follow: _Follow) -> MlxmanError:
             f"{follow.label(rank).capitalize()} {how} {when}; the run stopped on every rank",
             "check that host, then run again (MLXMAN_DEBUG=1 shows every rank's output)",
         )
+    if reporter is not None:
+        return None
     last = follow.tail[-1] if follow.tail else "no output"
     return DistributedError(
         f"The sharded run ended {when} without a result ({last})",
@@ -250,9 +252,10 @@ def run_sharded(job: ShardedJob, on_event: Callable[[dict[str, Any]], None]) -> 
         if proc.stdin is not None:
             proc.stdin.close()
     if follow.error is not None:
-        raise _error_from_event(follow.error, follow)
+        died = _death(follow, follow.error.get("rank")) if follow.error.get("peer_lost") else None
+        raise died or _error_from_event(follow.error, follow)
     if not follow.done:
-        raise _death(follow)
+        raise _death(follow) or DistributedError("The sharded run ended without a result")
 
 
 def _follow(

@@ -235,8 +235,16 @@ def run(spec: dict[str, Any], rank: int) -> None:
         ev.emit(ev.DONE)
 
 
-def _report(rank: int, host: str, error: MlxmanError) -> None:
-    ev.emit(ev.ERROR, rank=rank, host=host, kind=type(error).__name__, message=error.message, hint=error.hint)
+def _report(rank: int, host: str, error: MlxmanError, peer_lost: bool = False) -> None:
+    ev.emit(
+        ev.ERROR,
+        rank=rank,
+        host=host,
+        kind=type(error).__name__,
+        message=error.message,
+        hint=error.hint,
+        peer_lost=peer_lost,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,13 +267,20 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # an MLX or mlx-lm failure still reaches rank 0's command line as one line
         if debug_enabled():
             traceback.print_exc()
+        # The ring backend raises this when another rank's socket closes: the launcher says which one died.
+        lost = isinstance(exc, RuntimeError) and "peer was lost" in str(exc)
+        what = (
+            f"lost its connection to another rank ({exc})"
+            if lost
+            else f"unexpected {type(exc).__name__}: {exc}"
+        )
         _report(
             rank,
             host,
             DistributedError(
-                f"unexpected {type(exc).__name__} on rank {rank} ({host}): {exc}",
-                "run again with MLXMAN_DEBUG=1 for every rank's traceback",
+                f"Rank {rank} ({host}) {what}", "run again with MLXMAN_DEBUG=1 for every rank's traceback"
             ),
+            peer_lost=lost,
         )
         code = 1
     sys.stdout.flush()

@@ -1,0 +1,303 @@
+"""Sharded runs: hostfiles, the checks ranks agree on, and 2 real ranks on loopback via mlx.launch (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from mlxman.demo import DemoKit
+from mlxman.distributed.checks import RankShare, share_problems, version_problem
+from mlxman.distributed.hostfile import parse_hostfile, read_hostfile
+from mlxman.errors import UsageError
+
+MLXMAN = [sys.executable, "-m", "mlxman"]
+LOOPBACK = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
+# A hang detector, not a timing assertion: every run here ends in seconds.
+RUN_LIMIT = 240
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Path:
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps({"backend": "ring", "hosts": [LOOPBACK, LOOPBACK]}))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MLXMAN, *args],
+        capture_output=True,
+        text=True,
+        timeout=RUN_LIMIT,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _answers(*args: str) -> list[dict[str, Any]]:
+    done = _run("generate", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    answers: list[dict[str, Any]] = json.loads(done.stdout)
+    return answers
+
+
+# --- hostfiles ---------------------------------------------------------------------------------------------
+
+
+def test_hostfile_in_both_forms_mlx_writes(tmp_path: Path) -> None:
+    listed = parse_hostfile([LOOPBACK, {"ssh": "mac2", "ips": ["10.0.0.2"]}], tmp_path / "h.json")
+    assert [h.ssh for h in listed.hosts] == ["127.0.0.1", "mac2"] and listed.backend == "ring"
+    assert not listed.all_local and listed.hosts[0].is_local
+    doc = {
+        "backend": "jaccl",
+        "envs": ["MLX_METAL_FAST_SYNCH=1"],
+        "hosts": [
+            {"ssh": "m1", "ips": ["10.0.0.1"], "rdma": [None, "rdma_en2"]},
+            {"ssh": "m2", "ips": ["10.0.0.2"], "rdma": ["rdma_en2", None], "memory_limit": "48GB"},
+        ],
+    }
+    jaccl = parse_hostfile(doc, tmp_path / "h.json")
+    assert jaccl.backend == "jaccl" and jaccl.envs == ("MLX_METAL_FAST_SYNCH=1",)
+    assert jaccl.hosts[1].memory_limit == "48GB"
+    # The flag wins over the file's backend; JACCL's RDMA devices are then not needed for the ring.
+    assert parse_hostfile(doc, tmp_path / "h.json", backend="ring").backend == "ring"
+
+
+def test_malformed_hostfile_lists_every_problem(tmp_path: Path) -> None:
+    doc = {
+        "hosts": [
+            {"ssh": "", "ips": ["not-an-ip"]},
+            {"ips": []},
+            "mac3",
+            {"ssh": "m4", "memory_limit": "lots"},
+        ]
+    }
+    with pytest.raises(UsageError) as caught:
+        parse_hostfile(doc, tmp_path / "h.json")
+    message = caught.value.message
+    for part in (
+        "hosts[0] has no 'ssh'",
+        "'not-an-ip', which is not an IP",
+        "hosts[1] has no 'ssh'",
+        "hosts[2] is a JSON str",
+        "hosts[3].memory_limit",
+        "needs 'ips' for every host",
+    ):
+        assert part in message
+    with pytest.raises(UsageError, match="at least 2"):
+        parse_hostfile([LOOPBACK], tmp_path / "h.json")
+    with pytest.raises(UsageError, match="JACCL needs one per host"):
+        parse_hostfile([LOOPBACK, LOOPBACK], tmp_path / "h.json", backend="jaccl")
+    with pytest.raises(UsageError, match="not supported"):
+        parse_hostfile([LOOPBACK, LOOPBACK], tmp_path / "h.json", backend="mpi")
+
+
+def test_hostfile_that_is_missing_or_not_json(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="missing"):
+        read_hostfile(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{hosts: ")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        read_hostfile(bad)
+
+
+def test_bad_hostfile_on_the_command_line_is_one_error_line(demo_kit: DemoKit, tmp_path: Path) -> None:
+    bad = tmp_path / "hosts.json"
+    bad.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1"}, {"ssh": "127.0.0.1"}]}))
+    done = _run("generate", "--hosts", str(bad), "-m", str(demo_kit.model), "-p", "hi")
+    assert done.returncode == 2
+    assert done.stderr.startswith("Error: Hostfile") and "Traceback" not in done.stderr
+    assert "needs 'ips'" in done.stderr
+
+
+def test_unreachable_host_is_named_before_anything_starts(demo_kit: DemoKit, tmp_path: Path) -> None:
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([LOOPBACK, {"ssh": "no-such-host.invalid", "ips": ["192.0.2.1"]}]))
+    done = _run("generate", "--hosts", str(path), "-m", str(demo_kit.model), "-p", "hi")
+    assert done.returncode == 1, done.stderr
+    assert "rank 1 (no-such-host.invalid) cannot be reached by SSH" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- checks every rank agrees on (plain numbers) -----------------------------------------------------------
+
+
+def test_versions_must_match_on_every_rank() -> None:
+    same = "mlxman 0.1.0, mlx 0.32.4, mlx-lm 0.32.2"
+    assert version_problem([same, same], ["a", "b"]) is None
+    problem = version_problem([same, "mlxman 0.2.0, mlx 0.32.4, mlx-lm 0.32.2", same], ["a", "b", "c"])
+    assert problem is not None
+    assert "rank 1 (b) has mlxman 0.2.0" in problem and "rank 0 (a) has mlxman 0.1.0" in problem
+    assert "rank 2" not in problem
+
+
+def test_each_share_is_checked_against_its_own_machine() -> None:
+    mib = 1024**2
+    shares = [
+        RankShare(0, "mac1", 300 * mib, 100 * mib, 0, budget_bytes=512 * mib, available_bytes=2048 * mib),
+        RankShare(
+            1, "mac2", 300 * mib, 100 * mib, 10 * mib, budget_bytes=256 * mib, available_bytes=2048 * mib
+        ),
+        RankShare(2, "mac3", 300 * mib, 100 * mib, 0, budget_bytes=2048 * mib, available_bytes=64 * mib),
+    ]
+    problems = share_problems(shares)
+    assert len(problems) == 2
+    assert problems[0].startswith("rank 1 (mac2) needs 410.0 MiB") and "budget is 256.0 MiB" in problems[0]
+    assert problems[1].startswith("rank 2 (mac3)") and "only 64.0 MiB is available" in problems[1]
+
+
+# --- 2 ranks on loopback -----------------------------------------------------------------------------------
+
+
+def _single(demo_kit: DemoKit, adapters: list[str]) -> list[str]:
+    args = ["-m", str(demo_kit.model), "-p", "hello", "--max-tokens", "16"]
+    for a in adapters:
+        args += ["-a", a]
+    return [a["text"] for a in _answers(*args)]
+
+
+@pytest.mark.parametrize("shard", ["pipeline", "tensor"])
+def test_sharded_greedy_tokens_equal_one_process_with_adapter_swaps(
+    demo_kit: DemoKit, hosts: Path, shard: str
+) -> None:
+    adapters = ["none", str(demo_kit.adapters["colors"]), str(demo_kit.adapters["numbers"])]
+    if shard == "pipeline":
+        adapters.append(str(demo_kit.adapters["animals"]))  # DoRA: whole blocks per rank take it
+    args = [
+        "--hosts",
+        str(hosts),
+        "--shard",
+        shard,
+        "-m",
+        str(demo_kit.model),
+        "-p",
+        "hello",
+        "--max-tokens",
+        "16",
+    ]
+    for a in adapters:
+        args += ["-a", a]
+    sharded = _answers(*args)
+    assert [a["text"] for a in sharded] == _single(demo_kit, adapters)
+    assert [a["swap"] for a in sharded][:3] == [
+        "none",
+        "structural",
+        "weights",
+    ]  # numbers fills colors' wrappers
+    assert all(a["base_was_resident"] for a in sharded[1:])
+    for answer in sharded:
+        ranks = answer["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1]
+        for row in ranks:
+            # The share estimated from shapes before any weight was read is what MLX holds after reading.
+            assert row["weights_bytes"] == row["weights_measured_bytes"] > 0
+            assert row["active_bytes"] >= row["weights_bytes"]
+    # Each rank wears only its part of the adapter. Pipeline stages split it by blocks, so the parts add up to
+    # it; tensor shards split one of A and B of each linear and repeat the other (rank-sized) one.
+    parts = [r["adapter_bytes"] for r in sharded[1]["ranks"]]
+    whole = _adapter_bytes(demo_kit.adapters["colors"])
+    if shard == "pipeline":
+        assert sum(parts) == whole
+    else:
+        assert all(0 < part < whole for part in parts) and sum(parts) > whole
+
+
+def _adapter_bytes(path: Path) -> int:
+    from mlxman.safetensors_header import read_header
+
+    return read_header(path / "adapters.safetensors").data_bytes
+
+
+def test_dora_is_refused_under_tensor_parallelism_before_loading(demo_kit: DemoKit, hosts: Path) -> None:
+    done = _run(
+        "generate",
+        "--hosts",
+        str(hosts),
+        "--shard",
+        "tensor",
+        "-m",
+        str(demo_kit.model),
+        "-a",
+        str(demo_kit.adapters["animals"]),
+        "-p",
+        "hi",
+    )
+    assert done.returncode == 1
+    assert "is DoRA, which cannot be split over tensor-parallel ranks" in done.stderr
+    assert "--shard pipeline" in done.stderr and "Loaded" not in done.stderr
+
+
+def test_a_share_over_the_budget_is_refused_naming_rank_and_host(demo_kit: DemoKit, hosts: Path) -> None:
+    done = _run(
+        "generate",
+        "--hosts",
+        str(hosts),
+        "-m",
+        str(demo_kit.model),
+        "-p",
+        "hi",
+        "--memory-limit",
+        "600KiB",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "rank 0 (127.0.0.1) needs" in done.stderr and "rank 1 (127.0.0.1) needs" in done.stderr
+    assert "budget is 600.0 KiB" in done.stderr and "Loaded" not in done.stderr
+
+
+def test_a_rank_killed_mid_generation_ends_the_run_with_a_clear_error(
+    endless_model: Path, hosts: Path
+) -> None:
+    proc = subprocess.Popen(
+        [
+            *MLXMAN,
+            "generate",
+            "--hosts",
+            str(hosts),
+            "-m",
+            str(endless_model),
+            "-p",
+            "hi",
+            "--max-tokens",
+            "3000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.read(1)  # generating
+        ranks = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if p.cmdline()[1:3] == ["-m", "mlxman.distributed.rank"]
+        ]
+        victims = [p for p in ranks if p.environ().get("MLX_RANK") == "1"]
+        assert len(ranks) == 2 and len(victims) == 1
+        victims[0].send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=RUN_LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert (
+        err.decode()
+        .strip()
+        .splitlines()[-1]
+        .startswith("Error: Rank 1 (127.0.0.1) was killed by signal 9 while generating")
+    )
+    # Rank 0 did not stay behind.
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
