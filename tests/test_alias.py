@@ -123,6 +123,37 @@ def test_concurrent_writers_lose_no_name(demo_kit: DemoKit) -> None:
     assert sorted(load_aliases()) == sorted(f"n{i}" for i in range(8))
 
 
+def test_readers_never_see_a_half_written_file(demo_kit: DemoKit) -> None:
+    """A server reads names while `alias` rewrites the file: each read is the old file or the new one."""
+    set_alias("chat", pair(demo_kit, "colors"))
+    targets = {pair(demo_kit, name) for name in ("colors", "numbers")}
+    stop = threading.Event()
+    seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                alias = lookup("chat")
+                assert alias is not None
+                seen.append(alias.target)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(40):
+            set_alias("chat", pair(demo_kit, ("numbers", "colors")[i % 2]))
+            set_alias(f"other{i}", str(demo_kit.model))  # the file grows and shrinks in size too
+            remove_alias(f"other{i}")
+    finally:
+        stop.set()
+        reader.join()
+    assert errors == [] and seen and set(seen) <= targets
+
+
 @pytest.mark.parametrize(
     "content",
     [
