@@ -192,3 +192,22 @@ def test_a_broken_names_file_leaves_the_listing_and_paths_working(
     assert response.status_code == 400 and "names file" in response.json()["error"]["message"]
     reply = server.openai().completions.create(model=str(demo_kit.model), prompt="hi", max_tokens=2)
     assert reply.usage.completion_tokens > 0
+
+
+def test_a_server_without_roots_preloads_and_serves_a_name(
+    demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("MLXMAN_HOME", str(home))
+    set_alias("chat", f"{demo_kit.model}::{demo_kit.adapters['colors']}")
+    set_alias("other", f"{demo_kit.model}::{demo_kit.adapters['animals']}")
+    with running_server(tmp_path, "--preload", "chat", env={"MLXMAN_HOME": str(home)}) as srv:
+        reply = srv.openai().chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": DEMO_PROMPT}], max_tokens=24, temperature=0
+        )
+        assert reply.choices[0].message.content.startswith(demo_kit.answers["colors"])
+        listed = models(srv)
+        assert listed["chat"]["loaded"] is True and "other" not in listed
+        # Without roots only what is loaded is served: a name for anything else is refused.
+        with pytest.raises(openai.PermissionDeniedError, match="'other'"):
+            srv.openai().completions.create(model="other", prompt="hi", max_tokens=2)
