@@ -112,7 +112,6 @@ class PullPlan:
     files: tuple[RemoteFile, ...]
     skipped: tuple[str, ...]
     cached_bytes: int = 0
-    gated: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -203,7 +202,6 @@ def plan_pull(spec: RepoSpec, *, endpoint: str | None = None, cache: Path | None
         files=tuple(chosen),
         skipped=tuple(sorted(n for n in remote if not _wanted(n))),
         cached_bytes=cached,
-        gated=bool(info.gated),
     )
 
 
@@ -397,8 +395,7 @@ def _watch(blobs: Path, total: int, progress: ProgressFn | None) -> Iterator[_Wa
 
 @contextmanager
 def hub_errors(spec: RepoSpec) -> Iterator[None]:
-    """huggingface_hub's exceptions (and httpx's) as one-line mlxman errors with the next step."""
-    import httpx2
+    """huggingface_hub's exceptions (and its HTTP client's) as one-line mlxman errors with the next step."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -449,8 +446,21 @@ def hub_errors(spec: RepoSpec) -> Iterator[None]:
                 "log in with `hf auth login` (or set HF_TOKEN) with a token that reads it, then pull again",
             ) from None
         raise _unreachable(text, exc) from None
-    except httpx2.TransportError as exc:
+    except _transport_errors() as exc:
         raise _unreachable(text, exc) from None
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Network failures of the HTTP client huggingface_hub uses: httpx2 from 2.0, httpx before."""
+    import importlib
+
+    found: list[type[Exception]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _offline(text: str) -> MlxmanError:

@@ -93,15 +93,19 @@ def _local_model(spec: str, local: Path) -> ResolvedModel:
 
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         found = snapshot_download(repo_id, revision=revision, local_files_only=True)
-    except IncompleteSnapshotError as exc:
-        # Files the cached file list names are absent: a download by pattern (mlx-lm's, `mlxman pull`) leaves
-        # out READMEs and foreign weights. Whether what a loader needs is there is checked where it loads.
-        found = exc.snapshot_path
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+    except LocalEntryNotFoundError as exc:
+        # IncompleteSnapshotError (it carries the folder): files the cached file list names are absent, as a
+        # download by pattern (mlx-lm's, `mlxman pull`) leaves out READMEs and foreign weights. Whether what
+        # a loader needs is there is checked where it loads.
+        incomplete = getattr(exc, "snapshot_path", None)
+        if not isinstance(incomplete, str):
+            return None
+        found = incomplete
+    except (FileNotFoundError, ValueError, OSError):
         return None
     path = Path(found)
     return path if exists(path / CONFIG_FILE) else None
