@@ -116,6 +116,11 @@ def test_requests_by_name(server: Server, demo_kit: DemoKit, root: Path, names_h
     # Named after the server started: the server reads names per request.
     set_alias("numbers-chat", f"{demo_kit.model}::{root / 'numbers'}")
     set_alias("emb", str(demo_kit.embeddings_model))
+    pair = f"{demo_kit.model.resolve()}::{(root / 'numbers').resolve()}"
+    for command in ("estimate", "load"):
+        result = run_cli("pool", command, "numbers-chat", "--host", server.host, "--json")
+        assert result.exit_code == 0, (command, result.stderr)
+        assert json.loads(result.stdout)["key"] == pair, command
     client = server.openai()
     reply = client.chat.completions.create(
         model="numbers-chat",
