@@ -21,7 +21,9 @@ app = typer.Typer(help="Validate, inspect, convert and fuse LoRA adapters.", no_
 AdapterArg = Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + weights).")]
 ModelOption = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Base model: a local folder or a cached Hugging Face id."),
+    typer.Option(
+        "--model", "-m", help="Base model: a local folder, a cached Hugging Face id, or a name (`alias`)."
+    ),
 ]
 
 

@@ -28,7 +28,7 @@ def embed(
         Optional[list[str]], typer.Argument(help="Texts to embed (default: lines of stdin).")
     ] = None,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="An mlx-embeddings model directory or cached id.")
+        str, typer.Option("--model", "-m", help="An mlx-embeddings model directory, cached id or name.")
     ] = "",
     json_output: JsonOption = False,
     memory_limit: MemoryLimitOption = None,

@@ -46,7 +46,10 @@ def stats_line(answer: Answer) -> str:
 
 def generate(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Local model directory or cached Hugging Face id.")
+        str,
+        typer.Option(
+            "--model", "-m", help="Model directory, cached Hugging Face id, or name (`mlxman alias`)."
+        ),
     ],
     adapter: Annotated[
         Optional[list[str]],

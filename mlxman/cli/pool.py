@@ -35,7 +35,8 @@ app = typer.Typer(
 )
 
 KeyArgument = Annotated[
-    str, typer.Argument(help="MODEL or MODEL::ADAPTER, or the NAME `pool status` shows for it.")
+    str,
+    typer.Argument(help="MODEL or MODEL::ADAPTER, the NAME `pool status` shows for it, or an `alias` name."),
 ]
 SEPARATOR = "::"
 # Names longer than the table leaves room for are cut in the middle: both ends tell entries apart.
@@ -215,7 +216,7 @@ def status(
 @app.command("load")
 def load(
     model: Annotated[
-        str, typer.Argument(help="Model directory or cached Hugging Face id, or MODEL::ADAPTER.")
+        str, typer.Argument(help="Model directory, cached Hugging Face id or name; or MODEL::ADAPTER.")
     ],
     adapter: Annotated[
         Optional[str], typer.Option("--adapter", "-a", help="Adapter directory to load on it.")
@@ -306,7 +307,7 @@ def match_name(name: str, keys: list[str]) -> str | None:
 
 @app.command("estimate")
 def estimate(
-    model: Annotated[str, typer.Argument(help="Model directory or cached Hugging Face id.")],
+    model: Annotated[str, typer.Argument(help="Model directory, cached Hugging Face id, or name.")],
     adapter: Annotated[
         Optional[list[str]], typer.Option("--adapter", "-a", help="Adapter to load on it (repeatable).")
     ] = None,
