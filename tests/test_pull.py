@@ -466,3 +466,26 @@ def test_rm_of_one_revision_keeps_the_blobs_another_revision_shares(
     assert (folder / "snapshots" / repo.sha / "model.safetensors").read_bytes() == repo.files[
         "model.safetensors"
     ]
+
+
+def _small_file_limit() -> None:
+    """In the child: files may not grow past 4 MiB (as on a file system with a small file size limit)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 1024 * 1024, 4 * 1024 * 1024))
+
+
+def test_a_file_the_disk_cannot_hold_is_a_clear_error(hub: LocalHub, hf_home: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxman", "pull", BIG],
+        capture_output=True,
+        text=True,
+        env=_env(hub, hf_home),
+        preexec_fn=_small_file_limit,
+        timeout=300,
+    )
+    assert_clean_error(proc, 1, "cannot hold model.safetensors of org/big-shard", "not FAT32")
+    folder = repo_folder(hf_home, BIG)
+    assert not list((folder / "blobs").glob("*.incomplete")), "a partial file was left behind"
+    assert (folder / "snapshots").exists() and not (folder / "refs" / "main").exists()

@@ -285,7 +285,7 @@ def fetch(
         try:
             for i, item in enumerate(plan.files):
                 watcher.at(done, f"{item.name} ({i + 1}/{len(plan.files)})")
-                with hub_errors(spec), _disk_errors(plan, root):
+                with hub_errors(spec), _disk_errors(plan, item, root):
                     local = hf_hub_download(
                         plan.repo_id, item.name, revision=plan.commit, cache_dir=cache, endpoint=endpoint
                     )
@@ -333,16 +333,23 @@ def _spec_text(plan: PullPlan) -> str:
 
 
 @contextmanager
-def _disk_errors(plan: PullPlan, root: Path) -> Iterator[None]:
+def _disk_errors(plan: PullPlan, item: RemoteFile, root: Path) -> Iterator[None]:
+    """A full disk, a quota, or a file system that takes no file this large (FAT32 stops at 4 GiB)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise MlxmanError(
-            f"The disk filled up while pulling {_spec_text(plan)} into {root}",
-            "free some space (`mlxman rm` removes a cached model), then pull again: finished files are kept",
-        ) from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MlxmanError(
+                f"The disk filled up while pulling {_spec_text(plan)} into {root}",
+                "free space (`mlxman rm` removes a cached model) and pull again: finished files are kept",
+            ) from None
+        if exc.errno == errno.EFBIG:
+            raise MlxmanError(
+                f"{root} cannot hold {item.name} of {_spec_text(plan)} ({format_bytes(item.size)}): the file "
+                "is larger than its file system or the process's file size limit allows",
+                "point HF_HOME at a disk that takes large files (not FAT32), or raise `ulimit -f`",
+            ) from None
+        raise
 
 
 class _Watcher:
