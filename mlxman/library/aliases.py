@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -275,6 +274,8 @@ def _locked() -> Iterator[dict[str, Alias]]:
 
 def _write(aliases: dict[str, Alias]) -> None:
     """Write the file whole, then rename it over the old one: a reader sees the old file or the new."""
+    import tempfile  # only writers need it (a few ms of start-up otherwise)
+
     path = aliases_path()
     doc = {
         "version": FORMAT_VERSION,
