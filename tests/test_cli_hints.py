@@ -18,6 +18,8 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 OTHER_PROGRAMS = {
     "--verbose": "`ollama run --verbose`, whose counters generation stats follow",
     "--check": "`python -m mlxman.cli.reference --check`, the docs generator, not a command",
+    "--hf-path": "`mlx_lm.convert --hf-path`, the next step `pull` names for a repo not in MLX format",
+    "--mlx-path": "`mlx_lm.convert --mlx-path`, the next step `pull` names for a repo not in MLX format",
 }
 
 
