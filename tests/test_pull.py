@@ -35,6 +35,8 @@ ADAPTER = "org/tiny-adapter"
 TORCH = "org/torch-only"
 GATED = "org/gated-llama"
 BIG = "org/big-shard"
+EMBEDDER = "org/tiny-embedder"
+VISION = "org/tiny-vision"
 MODEL_FILES = {
     "config.json",
     "model.safetensors",
@@ -79,7 +81,9 @@ def repos(demo_kit: DemoKit) -> list[HubRepo]:
     torch = HubRepo(TORCH, {"config.json": config, "pytorch_model.bin": b"\x80" * 4096, **NOT_FETCHED})
     gated = HubRepo(GATED, dict(model.files), gated=True)
     big = HubRepo(BIG, {"config.json": config, "model.safetensors": _safetensors(BIG_BYTES)})
-    return [model, adapter, torch, gated, big]
+    embedder = HubRepo.from_folder(EMBEDDER, demo_kit.embeddings_model, NOT_FETCHED)
+    vision = HubRepo.from_folder(VISION, demo_kit.vision_model, NOT_FETCHED)
+    return [model, adapter, torch, gated, big, embedder, vision]
 
 
 @pytest.fixture
@@ -489,3 +493,20 @@ def test_a_file_the_disk_cannot_hold_is_a_clear_error(hub: LocalHub, hf_home: Pa
     folder = repo_folder(hf_home, BIG)
     assert not list((folder / "blobs").glob("*.incomplete")), "a partial file was left behind"
     assert (folder / "snapshots").exists() and not (folder / "refs" / "main").exists()
+
+
+@pytest.mark.parametrize("repo_id", [EMBEDDER, VISION])
+def test_embeddings_and_vision_repos_come_whole_subfolders_included(
+    hub: LocalHub, hf_home: Path, repos: list[HubRepo], repo_id: str
+) -> None:
+    proc = mlxman(hub, hf_home, "pull", repo_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    repo = by_id(repos, repo_id)
+    wanted = sorted(set(repo.files) - set(NOT_FETCHED))
+    assert sorted(result["files"]) == wanted
+    assert result["path"] == str(snapshot(hf_home, repo))
+    for name in wanted:  # 1_Pooling/config.json for sentence-transformers
+        assert (snapshot(hf_home, repo) / name).read_bytes() == repo.files[name]
+    listed = mlxman(hub, hf_home, "ls", "--json", HF_HUB_OFFLINE="1")
+    assert listed.returncode == 0 and repo_id in listed.stdout, listed.stderr
