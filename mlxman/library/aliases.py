@@ -16,9 +16,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from mlxman.errors import ConfigError, MlxmanError, NotFoundError, UsageError
 from mlxman.files import MISSING, FileProblem, parse_json_object, path_problem, read_bounded
@@ -83,11 +84,11 @@ def check_name(name: str) -> None:
 # -- reading ----------------------------------------------------------------------------------------------
 
 _cache_lock = threading.Lock()
-_cache: dict[Path, tuple[tuple[int, int, int, int], dict[str, Alias]]] = {}
+_cache: dict[Path, tuple[tuple[int, int, int, int], Mapping[str, Alias]]] = {}
 
 
-def load_aliases(path: Path | None = None) -> dict[str, Alias]:
-    """Every name in the file (none when there is no file); ConfigError for a broken file."""
+def load_aliases(path: Path | None = None) -> Mapping[str, Alias]:
+    """Every name in the file (none when there is no file), read-only; ConfigError for a broken file."""
     path = path or aliases_path()
     try:
         st = os.stat(path)
@@ -100,7 +101,7 @@ def load_aliases(path: Path | None = None) -> dict[str, Alias]:
         cached = _cache.get(path)
     if stamp is not None and cached is not None and cached[0] == stamp:
         return cached[1]
-    aliases = _read(path)
+    aliases = MappingProxyType(_read(path))  # shared by every caller: nobody may change it
     if stamp is not None:
         with _cache_lock:
             _cache[path] = (stamp, aliases)
@@ -127,7 +128,7 @@ def _read(path: Path) -> dict[str, Alias]:
     for name, entry in entries.items():
         alias = _entry(name, entry)
         if alias is None:
-            problems.append(repr(name))
+            problems.append(repr(name[:MAX_NAME_CHARS]))
         else:
             aliases[name] = alias
     if problems:
@@ -157,7 +158,7 @@ def lookup(text: str) -> Alias | None:
     return load_aliases().get(text)
 
 
-def names_by_key(keys: list[str], aliases: dict[str, Alias] | None = None) -> dict[str, list[str]]:
+def names_by_key(keys: list[str], aliases: Mapping[str, Alias] | None = None) -> dict[str, list[str]]:
     """For each pool key, the names that stand for it (compared as text: no disk access).
 
     A name holding a Hugging Face id without a revision stands for that repo at any cached revision
