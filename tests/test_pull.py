@@ -510,3 +510,18 @@ def test_embeddings_and_vision_repos_come_whole_subfolders_included(
         assert (snapshot(hf_home, repo) / name).read_bytes() == repo.files[name]
     listed = mlxman(hub, hf_home, "ls", "--json", HF_HUB_OFFLINE="1")
     assert listed.returncode == 0 and repo_id in listed.stdout, listed.stderr
+
+
+def test_rm_will_not_guess_when_the_server_wants_a_key(hub: LocalHub, hf_home: Path, tmp_path: Path) -> None:
+    from tests.server_harness import running_server
+
+    assert mlxman(hub, hf_home, "pull", MODEL).returncode == 0
+    with running_server(tmp_path, api_key="s3cret-key") as server:
+        blind = mlxman(hub, hf_home, "rm", MODEL, "--yes", MLXMAN_HOST=server.host)
+        assert_clean_error(blind, 1, "needs an API key, so it cannot say whether it holds", "MLXMAN_API_KEY")
+        assert repo_folder(hf_home, MODEL).exists()
+        keyed = mlxman(
+            hub, hf_home, "rm", MODEL, "--yes", MLXMAN_HOST=server.host, MLXMAN_API_KEY="s3cret-key"
+        )
+        assert keyed.returncode == 0, keyed.stderr
+    assert not repo_folder(hf_home, MODEL).exists()
