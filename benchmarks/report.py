@@ -15,7 +15,7 @@ MEMORY_TOLERANCE = 0.05
 GENERATION_TARGET = 0.98
 ESTIMATE_TOLERANCE = 0.01
 # "A fraction of mlx-lm's import time": taken as at most half of it.
-STARTUP_FRACTION = 0.5
+STARTUP_FRACTION = 0.15
 
 
 BAD_INPUT_TARGET = (
@@ -322,9 +322,10 @@ def startup_section(r: dict[str, Any], docs: Path) -> tuple[str, list[Verdict]]:
     text = f"""## 5. CLI start-up vs importing mlx-lm
 
 Each command as a fresh subprocess (the installed `mlxman` script), median wall time, interleaved after one
-warm-up each. `adapter validate` checks a rank-8 adapter against its base (`--model`). `python -c
-'pass'` is the
-interpreter's own floor.
+warm-up each. `ls` lists a model folder with one model and a rank-8 adapter (and an empty Hugging Face
+cache); `adapter validate` checks that adapter against its base (`--model`). `python -c 'pass'` is the
+interpreter's own floor. Commands are imported only when they run, and none of these four imports mlx-lm,
+transformers or pydantic.
 
 {body}
 """
@@ -332,11 +333,12 @@ interpreter's own floor.
     worst = max(ours, key=lambda x: x["ratio"])
     met = worst["ratio"] <= STARTUP_FRACTION
     verdict = Verdict(
-        "`mlxman --help`, `status`, `adapter validate`: a fraction of mlx-lm's import time",
+        "`mlxman --help`, `status`, `ls`, `adapter validate`: each at most "
+        f"{STARTUP_FRACTION:.2f}x the time of `python -c 'import mlx_lm'`",
         ", ".join(f"{x['command'].removeprefix('mlxman ')} {x['ratio']:.2f}x" for x in ours)
         + f" of {ms(next(x['seconds'] for x in rows if x['command'] == r['baseline']))}",
         met,
-        ("met" if met else "not met") + f": 'a fraction' taken as at most {STARTUP_FRACTION:.1f}x.",
+        ("met" if met else "not met") + f": the slowest is {worst['command']} at {worst['ratio']:.2f}x.",
     )
     return text, [verdict]
 

@@ -1,8 +1,10 @@
-"""5. CLI start-up of ``mlxman --help``, ``status``, ``adapter validate`` vs ``python -c "import mlx_lm"``."""
+"""5. CLI start-up of ``mlxman --help``, ``status``, ``ls`` and ``adapter validate`` vs ``import mlx_lm``."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,11 +32,30 @@ def run(settings: Settings) -> dict[str, Any]:
         "python -c 'pass'": [sys.executable, "-c", "pass"],
         "mlxman --help": [*mlxman, "--help"],
         "mlxman status": [*mlxman, "status"],
+        "mlxman ls": [*mlxman, "ls"],
         "mlxman adapter validate": [*mlxman, "adapter", "validate", str(adapter), "--model", str(model)],
     }
     samples: dict[str, list[float]] = {k: [] for k in commands}
     with tempfile.TemporaryDirectory(prefix="mlxman-bench-home-") as home:
-        env = {**os.environ, "MLXMAN_HOME": home, "HF_HUB_OFFLINE": "1"}
+        # `ls` lists a model folder holding the model and the adapter (its config naming the model), and an
+        # empty Hugging Face cache: what is measured does not depend on this machine's cache.
+        library = Path(home) / "models"
+        (library / model.name).mkdir(parents=True)
+        for file in model.iterdir():
+            (library / model.name / file.name).symlink_to(file)
+        copy = Path(shutil.copytree(adapter, library / adapter.name))
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**config, "model": str(library / model.name)}))
+        (Path(home) / "hf-cache").mkdir()
+        env = {
+            **os.environ,
+            "MLXMAN_HOME": home,
+            "HF_HUB_OFFLINE": "1",
+            "MLXMAN_MODEL_DIRS": str(library),
+            "HF_HUB_CACHE": str(Path(home) / "hf-cache"),
+        }
+        # As an installed package runs: from byte-compiled modules (the warm-up writes any missing).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         for argv in commands.values():  # warm-up: the page cache, .pyc files
             subprocess.run(argv, env=env, capture_output=True, check=False)
         for _ in range(settings.startup_repeats):

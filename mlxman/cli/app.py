@@ -64,7 +64,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Plain help, as click prints it: typer's rich help imports a Markdown renderer (markdown-it, pygments)
+    # that alone takes half of `mlxman --help`'s start-up budget.
+    rich_markup_mode=None,
 )
 
 

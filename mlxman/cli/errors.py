@@ -8,12 +8,13 @@ import typer
 from typer.core import TyperGroup
 
 from mlxman.errors import EXIT_FAILURE, EXIT_INTERRUPTED, MlxmanError
-from mlxman.output import out
 from mlxman.settings import DEBUG_ENV, debug_enabled
 
 
 def report(exc: BaseException) -> int:
     """Print an exception as one line for the user; return the exit code."""
+    from mlxman.output import out  # rich: only once there is something to print
+
     if isinstance(exc, MlxmanError):
         out.error(exc.message, exc.hint)
         return exc.exit_code

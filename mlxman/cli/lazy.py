@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperOption
-from typer.models import ParameterInfo
+from typer.models import ParameterInfo, TyperInfo
 
 from mlxman.cli.errors import MlxmanGroup
 
@@ -39,14 +39,29 @@ def load(name: str, lazy: Lazy, markup: Any = "rich") -> Any:
     obj = getattr(importlib.import_module(module_name), attr)
     command: Any
     if isinstance(obj, typer.Typer):
-        command = typer.main.get_group(obj)
+        # As add_typer builds a group: with the root's markup mode, not the group's own default.
+        command = typer.main.get_group_from_info(
+            TyperInfo(obj),
+            pretty_exceptions_short=obj.pretty_exceptions_short,
+            suggest_commands=obj.suggest_commands,
+            rich_markup_mode=markup,
+        )
     else:
         single = typer.Typer(add_completion=False, rich_markup_mode=markup)
         single.command(name)(obj)
         command = typer.main.get_command(single)
     command.name = name
     skip_pydantic_for_plain_values(command)
+    _whole_listing_lines(command)
     return command
+
+
+def _whole_listing_lines(command: Any) -> None:
+    """A group lists each command by its help's first paragraph, wrapped, not cut at the first line's end."""
+    for sub in getattr(command, "commands", {}).values():
+        if sub.short_help is None and sub.help:
+            sub.short_help = " ".join(sub.help.split("\n\n")[0].split())
+        _whole_listing_lines(sub)
 
 
 class _LazyCommands(MutableMapping[str, Any]):
@@ -98,7 +113,7 @@ class LazyGroup(MlxmanGroup):
             lazy = self.registry.get(cmd_name)
             if lazy is not None:
                 # Only its line in the listing is wanted: a stand-in, without importing the command.
-                return TyperCommand(cmd_name, help=lazy.help, rich_markup_mode=self.rich_markup_mode)
+                return TyperCommand(cmd_name, short_help=lazy.help, rich_markup_mode=self.rich_markup_mode)
         return commands.get(cmd_name)
 
     def list_commands(self, ctx: Any) -> list[str]:
