@@ -335,7 +335,17 @@ def test_a_name_for_a_cached_hub_id(
     assert PathPolicy().resolve("tiny", {key}).key == key
     with pytest.raises(AccessDenied):
         PathPolicy().resolve("tiny", set())
-    assert PathPolicy([hub]).resolve("tiny", set()).model == str((repo / "snapshots" / revision).resolve())
+    # A root at the cache's hub folder serves cached models by their ids (and names for them).
+    assert PathPolicy([hub]).resolve("tiny", set()).key == key
+    assert PathPolicy([hub]).resolve("org/tiny", set()).key == key
     (tmp_path / "elsewhere").mkdir()
-    with pytest.raises(AccessDenied, match="'tiny'"):
-        PathPolicy([tmp_path / "elsewhere"]).resolve("tiny", set())
+    elsewhere = PathPolicy([tmp_path / "elsewhere"])
+    with pytest.raises(NotFoundError, match="'tiny'"):
+        elsewhere.resolve("tiny", set())
+    # A cached model outside the roots gets the answer a missing one gets.
+    answers = []
+    for spec in ("org/tiny", "org/nothing"):
+        with pytest.raises(NotFoundError) as refused:
+            elsewhere.resolve(spec, set())
+        answers.append(str(refused.value).replace(spec, "ID"))
+    assert answers[0] == answers[1]

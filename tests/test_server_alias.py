@@ -22,6 +22,8 @@ from tests.server_harness import Server, running_server
 
 pytestmark = pytest.mark.slow
 
+REVISION = "d" * 40
+
 
 # --- the path policy, without a server ----------------------------------------------------------------------
 
@@ -85,6 +87,11 @@ def root(tmp_path_factory: pytest.TempPathFactory, demo_kit: DemoKit) -> Path:
     config = json.loads(config_path.read_text())
     config["model"] = str(demo_kit.model)
     config_path.write_text(json.dumps(config))
+    # The server's Hugging Face cache lies in the root too: a cached model is served by its id.
+    snapshot = root / "hub" / "models--org--tiny" / "snapshots" / REVISION
+    shutil.copytree(demo_kit.model, snapshot)
+    (root / "hub" / "models--org--tiny" / "refs").mkdir()
+    (root / "hub" / "models--org--tiny" / "refs" / "main").write_text(REVISION)
     return root
 
 
@@ -95,7 +102,8 @@ def server(
     logs = tmp_path_factory.mktemp("alias-logs")
     args = ["--adapter-root", str(root), "--preload", str(demo_kit.model)]
     args += ["--preload", str(demo_kit.embeddings_model)]
-    with running_server(logs, *args, env={"MLXMAN_HOME": str(home)}) as srv:
+    env = {"MLXMAN_HOME": str(home), "HF_HUB_CACHE": str(root / "hub")}
+    with running_server(logs, *args, env=env) as srv:
         yield srv
 
 
@@ -174,6 +182,9 @@ def test_models_lists_what_can_be_served(
     assert listed[copy]["loaded"] is False and listed[copy]["kind"] == "text"
     assert listed[pair]["loaded"] is False
     assert listed["numbers-chat"]["target"] == pair and listed["copy"]["target"] == copy
+    # The cached model whose snapshot lies in the root, by its id (not also by its snapshot folder).
+    assert listed["org/tiny"]["loaded"] is False and listed["org/tiny"]["kind"] == "text"
+    assert not any("snapshots" in key for key in listed)
     for entry in listed.values():
         assert entry["object"] == "model" and entry["owned_by"] == "mlxman"
     # A name the roots do not admit is neither listed nor served.
@@ -182,9 +193,12 @@ def test_models_lists_what_can_be_served(
     response = server.post("/v1/completions", {"model": "outside", "prompt": "hi", "max_tokens": 2})
     assert response.status_code == 403, response.text
     assert str(demo_kit.adapters["colors"]) not in response.text
-    # Once used, a name's entry says it is loaded.
+    # Once used, a name's entry says it is loaded; so does a cached model's.
     server.openai().completions.create(model="copy", prompt="hello", max_tokens=2)
-    assert models(server)["copy"]["loaded"] is True
+    reply = server.openai().completions.create(model="org/tiny", prompt="hello", max_tokens=2)
+    assert reply.model == f"org/tiny@{REVISION}"
+    after = models(server)
+    assert after["copy"]["loaded"] is True and after["org/tiny"]["loaded"] is True
 
 
 def test_a_broken_names_file_leaves_the_listing_and_paths_working(

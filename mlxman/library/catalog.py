@@ -168,8 +168,11 @@ def scan(
 
     models: list[ModelEntry] = []
     adapters: list[AdapterEntry] = []
-    for entry in _cache_models(cache, problems):
-        models.append(entry)
+    for entry in _cache_entries(cache, problems):
+        if isinstance(entry, AdapterEntry):
+            adapters.append(entry)
+        else:
+            models.append(entry)
     for root in dirs:
         found_models, found_adapters = _folder_entries(root, problems)
         models.extend(found_models)
@@ -207,6 +210,11 @@ def scan_folders(roots: Iterable[Path]) -> tuple[list[ModelEntry], list[AdapterE
     return _dedupe(models), adapters
 
 
+def cached_models() -> list[ModelEntry]:
+    """The models in the Hugging Face cache as found (not described), ids as ``--model`` takes them."""
+    return list(_cache_models(hf_cache_dir(), []))
+
+
 def list_names() -> list[NameEntry]:
     """The names of ``mlxman alias``, each checked for a model (and adapter) still there."""
     # Integration point with mlxman.library.aliases (the name store): read through its loader only.
@@ -241,8 +249,15 @@ def hf_cache_dir() -> Path:
 
 
 def _cache_models(cache: Path, problems: list[str]) -> Iterator[ModelEntry]:
-    """One entry per cached snapshot of a model repo: ``org/name`` for the one ``main`` points at, else
-    ``org/name@revision`` (both are ids ``--model`` takes)."""
+    """The cached models (adapter repos left out)."""
+    for entry in _cache_entries(cache, problems):
+        if isinstance(entry, ModelEntry):
+            yield entry
+
+
+def _cache_entries(cache: Path, problems: list[str]) -> Iterator[ModelEntry | AdapterEntry]:
+    """One entry per cached snapshot of a model or adapter repo: ``org/name`` for the one ``main`` points
+    at, else ``org/name@revision`` (both are ids ``--model`` takes)."""
     try:
         repos = sorted(os.scandir(cache), key=lambda e: e.name)
     except FileNotFoundError:
@@ -271,10 +286,10 @@ def _cache_models(cache: Path, problems: list[str]) -> Iterator[ModelEntry]:
             continue
         for snapshot in snapshots:
             revision = snapshot.name
-            main = refs.get("main") == revision or len(snapshots) == 1
-            entry_id = repo_id if main else f"{repo_id}@{revision}"
+            entry_id = repo_id if refs.get("main") == revision else f"{repo_id}@{revision}"
             if _is_adapter_dir(snapshot) and not (snapshot / CONFIG_FILE).is_file():
-                continue  # an adapter repo: listed by the adapter scan of model folders only
+                yield replace(_adapter(snapshot), name=entry_id)  # an adapter repo (`mlxman pull`)
+                continue
             yield ModelEntry(
                 id=entry_id, source=HF_CACHE, path=str(snapshot), repo_id=repo_id, revision=revision
             )
@@ -526,7 +541,7 @@ def _attach(
     under: dict[int, list[AdapterEntry]] = {}
     missing: dict[str, list[AdapterEntry]] = {}
     for adapter in adapters:
-        index = keys.get(_normal(adapter.base)) if adapter.base else None
+        index = next((keys[k] for k in _base_keys(adapter) if k in keys), None)
         if index is None:
             missing.setdefault(adapter.base or "", []).append(adapter)
         else:
@@ -558,6 +573,20 @@ def _attach(
             )
         )
     return result
+
+
+def _base_keys(adapter: AdapterEntry) -> list[str]:
+    """What an adapter's recorded base may match: the id or path as written, and a relative path taken from
+    the adapter's own folder (mlx-lm records ``--model`` as it was typed)."""
+    if not adapter.base:
+        return []
+    keys = [_normal(adapter.base)]
+    if not adapter.base.startswith(("/", "~")):
+        try:
+            keys.append(str((Path(adapter.path).parent / adapter.base).resolve()))
+        except (OSError, RuntimeError, ValueError):
+            pass
+    return keys
 
 
 def _model_keys(model: ModelEntry) -> Iterable[str]:

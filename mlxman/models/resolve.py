@@ -32,7 +32,7 @@ class ResolvedModel:
     revision: str | None = None
 
 
-def _looks_like_repo_id(spec: str) -> bool:
+def looks_like_repo_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -63,7 +63,7 @@ def _resolve_spec(spec: str, revision: str | None) -> ResolvedModel:
     if "@" in spec and revision is None:
         # The pool's own ids for cached Hub models are ``repo@revision``: accept them back.
         spec, revision = spec.split("@", 1)
-    if not _looks_like_repo_id(spec):
+    if not looks_like_repo_id(spec):
         raise NotFoundError(
             f"Model path {spec} does not exist", "check the path, or pass a Hugging Face id (org/name)"
         )

@@ -8,6 +8,7 @@ loaded one). Without roots the server serves only what is loaded, so only that (
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -60,8 +61,8 @@ def servable_models(policy: PathPolicy, entries: list[EntryStatus], created: int
     for name, key in _names(policy, loaded):
         add(name, kinds.get(key.partition(SEPARATOR)[0]), key, target=key)
     if policy.roots:
-        for model_id, kind in _cached_under_roots(policy, kinds):
-            add(model_id, kind, model_id)
+        for model_id, kind, key in _cached_under_roots(policy, kinds):
+            add(model_id, kind, key)
     return list(listed.values())
 
 
@@ -82,10 +83,11 @@ def _names(policy: PathPolicy, loaded: set[str]) -> list[tuple[str, str]]:
 
 
 _roots_lock = threading.Lock()
-_roots_cache: dict[tuple[int, frozenset[tuple[str, str]]], tuple[float, list[tuple[str, str | None]]]] = {}
+_Found = list[tuple[str, str | None, str]]
+_roots_cache: dict[tuple[int, frozenset[tuple[str, str]]], tuple[float, _Found]] = {}
 
 
-def _cached_under_roots(policy: PathPolicy, kinds: dict[str, str]) -> list[tuple[str, str | None]]:
+def _cached_under_roots(policy: PathPolicy, kinds: dict[str, str]) -> _Found:
     """``_under_roots``, reused for ROOTS_LISTING_SECONDS while the pool holds the same entries: a picker that
     polls does not walk the roots (about 1 ms per adapter) each time."""
     key = (id(policy), frozenset(kinds.items()))
@@ -101,40 +103,65 @@ def _cached_under_roots(policy: PathPolicy, kinds: dict[str, str]) -> list[tuple
     return found
 
 
-def _under_roots(policy: PathPolicy, kinds: dict[str, str]) -> list[tuple[str, str | None]]:
-    """Models under the roots, and adapters there on each base the server would serve, as ids with kinds;
-    ``kinds`` holds the pool's keys and their kinds."""
-    from mlxman.library.catalog import scan_folders
+def _under_roots(policy: PathPolicy, kinds: dict[str, str]) -> _Found:
+    """What lies in the roots, as (id a request may send, kind, the pool key it stands for): cached models
+    whose snapshot is in a root (by their Hugging Face ids), model folders, and each adapter there on a base
+    the server would serve. ``kinds`` holds the pool's keys and their kinds."""
+    from mlxman.library.catalog import cached_models, scan_folders
 
     loaded = set(kinds)
-    models, adapters = scan_folders(policy.roots)
-    found: list[tuple[str, str | None]] = []
-    # What an adapter's config may name its base by -> the base's id here, and its kind.
+    found: _Found = []
+    # What an adapter's config may name its base by -> the id to send for that base, and its kind.
     bases: dict[str, tuple[str, str | None]] = {}
-    for key, kind in kinds.items():
+    for key, loaded_kind in kinds.items():
         if SEPARATOR not in key:
-            bases[key] = (key, kind)
+            bases[key] = (key, loaded_kind)
             if "@" in key and not key.startswith("/"):
-                bases.setdefault(key.partition("@")[0], (key, kind))  # repo@revision, named by its repo
-    for model in models:
-        if model.path is None or model.error is not None:
-            continue
+                bases.setdefault(key.partition("@")[0], (key, loaded_kind))  # repo@revision, by its repo
+
+    def admit(spec: str) -> str | None:
         try:
-            model_id = policy.resolve(model.path, loaded).key
+            return policy.resolve(spec, loaded).key
         except (MlxmanError, OSError):
+            return None  # outside the roots, linking out of them, or broken: not listed
+
+    snapshots: set[str] = set()
+    for model in cached_models():
+        if model.path is None or model.error is not None or not _in_roots(policy, model.path):
             continue
-        model_kind = kinds.get(model_id) or _kind(Path(model.path))
-        bases.setdefault(model.path, (model_id, model_kind))
-        found.append((model_id, model_kind))
+        cached_key = admit(model.id)
+        if cached_key is None:
+            continue
+        kind = kinds.get(cached_key) or _kind(Path(model.path))
+        snapshots.add(str(Path(model.path).resolve()))
+        for spelling in (model.id, model.path):  # an adapter records its base by id or by folder
+            bases.setdefault(spelling, (model.id, kind))
+        found.append((model.id, kind, cached_key))
+    models, adapters = scan_folders(policy.roots)
+    for model in models:
+        if model.path is None or model.error is not None or model.path in snapshots:
+            continue
+        folder_key = admit(model.path)
+        if folder_key is None:
+            continue
+        kind = kinds.get(folder_key) or _kind(Path(model.path))
+        bases.setdefault(model.path, (folder_key, kind))
+        found.append((folder_key, kind, folder_key))
     for adapter in adapters:
         base = bases.get(_normal(adapter.base)) if adapter.error is None else None
         if base is None:
             continue
-        try:
-            found.append((policy.resolve(f"{base[0]}{SEPARATOR}{adapter.path}", loaded).key, base[1]))
-        except (MlxmanError, OSError):
-            continue
+        spec = f"{base[0]}{SEPARATOR}{adapter.path}"
+        pair_key = admit(spec)
+        if pair_key is not None:
+            found.append((spec, base[1], pair_key))
     return found
+
+
+def _in_roots(policy: PathPolicy, path: str) -> bool:
+    """A cheap first look (the policy checks again, fully): is ``path``, links followed, in a root?"""
+    real = Path(os.path.realpath(path))
+    return any(real.is_relative_to(root) for root in policy.roots)
 
 
 def _normal(spec: str | None) -> str:

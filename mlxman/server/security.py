@@ -140,20 +140,17 @@ class PathPolicy:
                 f"send `{alias.name}` alone",
             )
         adapter = alias.adapter if alias.adapter is not None else adapter_part
-        model = alias.model
         try:
-            if not Path(model).is_absolute():
-                # A Hugging Face id: served when loaded, else by its snapshot, which must be in a root.
-                bases = {key.partition(KEY_SEPARATOR)[0] for key in loaded}
-                model = self._loaded_alias(model, bases) or (str(_snapshot(model)) if self.roots else model)
-            return self._resolve(model, adapter, loaded)
+            # A Hugging Face id is served as when a request names it: loaded, or its snapshot in a root.
+            return self._resolve(alias.model, adapter, loaded)
         except AccessDenied as exc:
             raise AccessDenied(
                 f"The name {alias.name!r} stands for a model or adapter this server does not serve", exc.hint
             ) from None
         except NotFoundError as exc:
             raise NotFoundError(
-                f"The name {alias.name!r} stands for a model or adapter that is not there", exc.hint
+                f"The name {alias.name!r} stands for a model or adapter not found under the server's roots",
+                exc.hint,
             ) from None
 
     def loaded_key(self, spec: str, loaded: Collection[str]) -> str:
@@ -173,7 +170,7 @@ class PathPolicy:
         bases = {key.partition(KEY_SEPARATOR)[0] for key in loaded}
         model = model_part if model_part in bases else self._loaded_alias(model_part, bases)
         if model is None:
-            model = str(self._under_root(model_part, "model"))
+            model = self._model_under_root(model_part)
         if adapter_part is None:
             return ModelRef(model)
         if f"{model}{KEY_SEPARATOR}{adapter_part}" in loaded:
@@ -182,6 +179,33 @@ class PathPolicy:
         if absolute and f"{model}{KEY_SEPARATOR}{absolute}" in loaded:
             return ModelRef(model, absolute)
         return ModelRef(model, str(self._under_root(adapter_part, "adapter")))
+
+    def _model_under_root(self, text: str) -> str:
+        """A model path under a root; else a Hugging Face id whose cached snapshot lies in a root (a root at
+        the cache's ``hub`` folder serves cached models by their ids). One answer for a missing model and for
+        a cached one outside the roots."""
+        try:
+            return str(self._under_root(text, "model"))
+        except NotFoundError:
+            cached = self._cached_in_root(text)
+            if cached is None:
+                raise
+            return cached
+
+    def _cached_in_root(self, text: str) -> str | None:
+        from mlxman.models.resolve import looks_like_repo_id, resolve_model
+
+        if not looks_like_repo_id(text.partition("@")[0]):
+            return None
+        try:
+            resolved = resolve_model(text)
+        except (MlxmanError, OSError):
+            return None
+        real = _real(resolved.path)
+        if not self._inside(real):
+            return None
+        self._check_files_inside(real, text, "model")
+        return resolved.id
 
     def _loaded_alias(self, text: str, bases: Collection[str]) -> str | None:
         """Another spelling of a loaded base (a relative path, a Hugging Face id without revision)."""
@@ -269,12 +293,6 @@ class PathPolicy:
                 if path.is_dir() and path not in seen:
                     seen.add(path)
                     pending.append(path)
-
-
-def _snapshot(repo_id: str) -> Path:
-    from mlxman.models.resolve import resolve_model
-
-    return resolve_model(repo_id).path
 
 
 def check_names(text: str, what: str) -> None:
