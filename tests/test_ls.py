@@ -260,3 +260,35 @@ def test_nothing_found_says_how_to_get_a_model(monkeypatch: pytest.MonkeyPatch, 
 def test_ls_imports_nothing_heavy(models_dir: Path) -> None:
     assert imported_heavy_modules("ls") == []
     assert imported_heavy_modules("ls", "--json", "--adapters") == []
+
+
+def test_an_adapter_repo_in_the_cache_is_listed_under_its_base(
+    demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = tmp_path / "hub"
+    hub_cache_repo(cache, "org/tiny", demo_kit.model, REVISION)
+    source = shutil.copytree(demo_kit.adapters["colors"], tmp_path / "colors")
+    config = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**config, "model": "org/tiny"}))
+    hub_cache_repo(cache, "org/tiny-colors", source, REVISION)
+    # Downloaded at a revision that main does not name: its id carries the revision.
+    hub_cache_repo(cache, "org/pinned", demo_kit.model, OLD_REVISION, main=False)
+    _use_cache(monkeypatch, cache)
+    models = by_id(ls_json())
+    assert set(models) == {"org/tiny", f"org/pinned@{OLD_REVISION}"}
+    [adapter] = models["org/tiny"]["adapters"]
+    assert adapter["name"] == "org/tiny-colors" and adapter["rank"] == 8 and adapter["error"] is None
+
+
+def test_a_relative_base_is_read_from_the_adapters_folder(
+    models_dir: Path, demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mine = tmp_path / "mine"
+    shutil.copytree(demo_kit.model, mine / "base")
+    adapter = shutil.copytree(demo_kit.adapters["colors"], mine / "colors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "model": "base"}))
+    monkeypatch.setenv("MLXMAN_MODEL_DIRS", str(mine))
+    [base] = ls_json()["models"]
+    assert base["id"] == str((mine / "base").resolve())
+    assert [a["name"] for a in base["adapters"]] == ["colors"]

@@ -12,6 +12,7 @@ checks this reading against ``scan_cache_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -582,10 +583,8 @@ def _base_keys(adapter: AdapterEntry) -> list[str]:
         return []
     keys = [_normal(adapter.base)]
     if not adapter.base.startswith(("/", "~")):
-        try:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
             keys.append(str((Path(adapter.path).parent / adapter.base).resolve()))
-        except (OSError, RuntimeError, ValueError):
-            pass
     return keys
 
 
