@@ -66,7 +66,6 @@ def generate_sharded(
         model_dir=resolved.path.resolve(),
         adapters=adapter_dirs,
         mode=shard,
-        request={f: getattr(request, f) for f in fields},
         context_tokens=limits.context_tokens,
         memory_limit=memory_limit,
         timeout=rank_timeout,
@@ -129,6 +128,7 @@ def generate_sharded(
             ranks = [{**row, "weights_measured_bytes": measured.get(row["rank"])} for row in event["rows"]]
             answers.append({**answer.as_dict(), "shard": shard, "swap": state["swap"], "ranks": ranks})
 
-    run_sharded(job, on_event)
+    asked = {f: getattr(request, f) for f in fields}
+    run_sharded(job, [(a, asked) for a in adapter_dirs], on_event)
     if json_output:
         out.json(answers)

@@ -6,6 +6,7 @@ a rank's error, a rank's death, or a silence longer than the timeout into one ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -20,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from mlxman import errors
 from mlxman.distributed import protocol as ev
@@ -50,7 +51,6 @@ class ShardedJob:
     model_dir: Path
     adapters: tuple[str | None, ...]
     mode: str
-    request: dict[str, Any]
     context_tokens: int
     memory_limit: str | None = None
     timeout: float = DEFAULT_RANK_TIMEOUT
@@ -65,7 +65,6 @@ class ShardedJob:
             "model": str(self.model_dir),
             "adapters": list(self.adapters),
             "mode": self.mode,
-            "request": self.request,
             "context_tokens": self.context_tokens,
             "memory_limit": self.memory_limit,
         }
@@ -220,107 +219,195 @@ def _death(follow: _Follow, reporter: int | None = None) -> MlxmanError | None:
     )
 
 
-def run_sharded(job: ShardedJob, on_event: Callable[[dict[str, Any]], None]) -> None:
-    """Start every rank, pass rank 0's events to ``on_event``, and end within bounded time, or raise."""
-    check_hosts_reachable(job.hostfile)
-    port = _free_port(len(job.hostfile.hosts)) if job.hostfile.all_local else None
-    proc = subprocess.Popen(
-        launch_command(job, port),
-        # A pipe left open: mlx.launch forwards stdin and would spin on an always-readable /dev/null.
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, "out", lines), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, "err", lines), daemon=True),
-    ]
-    for t in pumps:
-        t.start()
-    follow = _Follow(job)
-    try:
-        _follow(job, follow, lines, on_event)
-    except BaseException:
-        _kill_group(proc)
-        raise
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        if proc.stdin is not None:
-            proc.stdin.close()
-    if follow.error is not None:
-        died = _death(follow, follow.error.get("rank")) if follow.error.get("peer_lost") else None
-        raise died or _error_from_event(follow.error, follow)
-    if not follow.done:
-        raise _death(follow) or DistributedError("The sharded run ended without a result")
+class RankGroup:
+    """The ranks of one sharded model, started once and asked one request at a time.
+
+    Every method ends within bounded time: a rank's error, a rank's death, or a silence longer than the
+    job's timeout raises ``MlxmanError`` and, unless only that request was refused, leaves the group down.
+    """
+
+    def __init__(self, job: ShardedJob) -> None:
+        self.job = job
+        self.follow = _Follow(job)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.open_streams = 0
+        self.down: MlxmanError | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def up(self) -> bool:
+        return self.proc is not None and self.down is None and self.open_streams == 2
+
+    def start(self, on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Launch every rank and wait until rank 0 says the model is loaded on all of them."""
+        check_hosts_reachable(self.job.hostfile)
+        port = _free_port(len(self.job.hostfile.hosts)) if self.job.hostfile.all_local else None
+        self.proc = subprocess.Popen(
+            launch_command(self.job, port),
+            # Requests go to the ranks through mlx.launch's stdin (it copies it to every rank).
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for stream, name in ((self.proc.stdout, "out"), (self.proc.stderr, "err")):
+            threading.Thread(target=_pump, args=(stream, name, self.lines), daemon=True).start()
+        self.open_streams = 2
+        self._until(ev.READY, on_event, starting=True)
+
+    def ask(
+        self, adapter: str | None, request: dict[str, Any], on_event: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Run one generation on every rank; rank 0's events go to ``on_event`` until its answer ends."""
+        with self.lock:
+            if not self.up:
+                raise self.down or DistributedError("The ranks are not running", "start them again")
+            self._write(ev.request_lines({"adapter": adapter, "request": request}))
+            self._until(ev.ANSWER_END, on_event, starting=False)
+
+    def close(self) -> None:
+        """Ask the ranks to leave; whatever has not left in time is killed."""
+        if self.proc is None:
+            return
+        if self.up:
+            with contextlib.suppress(MlxmanError):
+                self._write(ev.request_lines({"quit": True}))
+                self._until(ev.DONE, lambda _e: None, starting=False, seconds=LEAVE_SECONDS * 2)
+        self._stop()
+
+    def _write(self, text: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+        except OSError:
+            self._fail(DistributedError("The ranks are gone", "start them again"))
+
+    def _stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            _kill_group(self.proc)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    def _fail(self, error: MlxmanError) -> NoReturn:
+        self.down = error
+        self._stop()
+        raise error
+
+    def _until(
+        self,
+        kind: str,
+        on_event: Callable[[dict[str, Any]], None],
+        *,
+        starting: bool,
+        seconds: float | None = None,
+    ) -> None:
+        """Pass rank 0's events on until one of ``kind``; raise on an error, a death or a silence."""
+        try:
+            self._follow(kind, on_event, starting, seconds)
+        except BaseException as exc:
+            if isinstance(exc, MlxmanError) and getattr(exc, "request_only", False):
+                raise
+            self.down = exc if isinstance(exc, MlxmanError) else DistributedError("Interrupted")
+            self._stop()
+            raise
+
+    def _follow(
+        self, kind: str, on_event: Callable[[dict[str, Any]], None], starting: bool, seconds: float | None
+    ) -> None:
+        follow, job = self.follow, self.job
+        debug = debug_enabled()
+        last = started = time.monotonic()
+        error_at: float | None = None
+        while self.open_streams:
+            now = time.monotonic()
+            if error_at is not None:
+                deadline = error_at + LEAVE_SECONDS
+            elif seconds is not None:
+                deadline = started + seconds
+            elif starting and not follow.joined:
+                deadline = started + job.timeout
+            elif starting:
+                deadline = float(
+                    "inf"
+                )  # a large model reads for minutes; a rank that dies ends the run anyway
+            else:
+                deadline = last + job.timeout
+            try:
+                stream, line = self.lines.get(timeout=max(0.0, min(deadline - now, 1.0)))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    if error_at is not None:
+                        break  # the error is known; the ranks that did not leave are killed
+                    raise _timeout(job, follow, starting) from None
+                continue
+            if line is None:
+                self.open_streams -= 1
+                continue
+            event = ev.parse_event(line) if stream == "out" else None
+            if event is None:
+                match = _NODE_EXIT.search(line)
+                if match:
+                    follow.exits[int(match.group(1))] = int(match.group(2)) if match.group(2) else None
+                elif line.strip():
+                    follow.tail.append(line.strip())
+                    if debug:
+                        print(line, file=sys.stderr)
+                continue
+            last = time.monotonic()
+            name = event["event"]
+            if name == ev.STARTED and isinstance(event.get("rank"), int):
+                follow.started.add(event["rank"])
+            elif name == ev.JOINED:
+                follow.joined = True
+            elif name == ev.LOADED:
+                follow.loaded = True
+            elif name == ev.DONE:
+                follow.done = True
+            elif name == ev.ERROR:
+                if event.get("request_only"):
+                    error = _error_from_event(event, follow)
+                    error.request_only = True  # type: ignore[attr-defined]
+                    raise error
+                if follow.error is None:
+                    follow.error = event
+                    error_at = last
+                continue
+            if error_at is None:
+                on_event(event)
+                if name == kind:
+                    return
+        if follow.error is not None:
+            died = _death(follow, follow.error.get("rank")) if follow.error.get("peer_lost") else None
+            raise died or _error_from_event(follow.error, follow)
+        if kind == ev.DONE and follow.done:
+            return
+        raise _death(follow) or DistributedError("The ranks ended without a result")
 
 
-def _follow(
+def run_sharded(
     job: ShardedJob,
-    follow: _Follow,
-    lines: queue.Queue[tuple[str, str | None]],
+    asks: list[tuple[str | None, dict[str, Any]]],
     on_event: Callable[[dict[str, Any]], None],
 ) -> None:
-    debug = debug_enabled()
-    open_streams = 2
-    last = started = time.monotonic()
-    error_at: float | None = None
-    while open_streams:
-        now = time.monotonic()
-        if error_at is not None:
-            deadline = error_at + LEAVE_SECONDS
-        elif not follow.joined:
-            deadline = started + job.timeout
-        elif not follow.loaded:
-            deadline = float("inf")  # a large model reads for minutes; a rank that dies ends the run anyway
-        else:
-            deadline = last + job.timeout
-        try:
-            stream, line = lines.get(timeout=max(0.0, min(deadline - now, 1.0)))
-        except queue.Empty:
-            if time.monotonic() >= deadline:
-                if error_at is not None:
-                    return  # the error is known; the ranks that did not leave are killed
-                raise _timeout(job, follow) from None
-            continue
-        if line is None:
-            open_streams -= 1
-            continue
-        event = ev.parse_event(line) if stream == "out" else None
-        if event is None:
-            match = _NODE_EXIT.search(line)
-            if match:
-                follow.exits[int(match.group(1))] = int(match.group(2)) if match.group(2) else None
-            elif line.strip():
-                follow.tail.append(line.strip())
-                if debug:
-                    print(line, file=sys.stderr)
-            continue
-        last = time.monotonic()
-        kind = event["event"]
-        if kind == ev.STARTED and isinstance(event.get("rank"), int):
-            follow.started.add(event["rank"])
-        elif kind == ev.JOINED:
-            follow.joined = True
-        elif kind == ev.LOADED:
-            follow.loaded = True
-        elif kind == ev.DONE:
-            follow.done = True
-        elif kind == ev.ERROR:
-            if follow.error is None:
-                follow.error = event
-                error_at = last
-            continue
-        if error_at is None:
-            on_event(event)
+    """Start the ranks, run each (adapter, request) on all of them in turn, then stop them."""
+    group = RankGroup(job)
+    try:
+        group.start(on_event)
+        for adapter, request in asks:
+            group.ask(adapter, request, on_event)
+    finally:
+        group.close()
 
 
-def _timeout(job: ShardedJob, follow: _Follow) -> DistributedError:
+def _timeout(job: ShardedJob, follow: _Follow, starting: bool) -> DistributedError:
     seconds = f"{job.timeout:g} s"
-    if not follow.joined:
+    if starting and not follow.joined:
         missing = [r for r in range(len(follow.hosts)) if r not in follow.started]
         if missing:
             names = ", ".join(follow.label(r) for r in missing)
@@ -334,6 +421,6 @@ def _timeout(job: ShardedJob, follow: _Follow) -> DistributedError:
             f"check the hostfile's IPs ({job.hostfile.backend} backend) and that no firewall blocks them",
         )
     return DistributedError(
-        f"No answer from the ranks for {seconds} while generating: a rank stopped responding",
+        f"No answer from the ranks for {seconds}: a rank stopped responding",
         "check every host; raise --rank-timeout for very slow links",
     )

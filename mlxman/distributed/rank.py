@@ -18,7 +18,7 @@ from typing import Any
 
 from mlxman.distributed import protocol as ev
 from mlxman.distributed.checks import RankShare, share_problems, version_problem
-from mlxman.errors import DistributedError, MemoryBudgetError, MlxmanError
+from mlxman.errors import ContextError, DistributedError, MemoryBudgetError, MlxmanError
 from mlxman.settings import debug_enabled
 
 # Bytes each rank's version line takes in the exchange.
@@ -177,16 +177,32 @@ def run(spec: dict[str, Any], rank: int) -> None:
             ],
         )
 
-    request = GenerationRequest(**spec["request"])
-    # Every rank samples the same token only from the same random state: rank 0's seed goes to all.
-    seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(6), "little")
-    seed = _broadcast_ints(group, [seed], rank)[0]
-    request = dataclasses.replace(request, seed=seed)
-    tokens = _broadcast_ints(group, prompt_tokens(tokenizer, request) if rank == 0 else None, rank)
-    tokens = fit_context(tokens, request, context, "raise --context-length")
+    if rank == 0:
+        ev.emit(ev.READY)
 
     current = None
-    for index, adapter_path in enumerate(adapters):
+    reader = ev.RequestReader()
+    # Every rank reads the same requests from its stdin (mlx.launch copies the launcher's to all of them).
+    for line in sys.stdin:
+        message = reader.feed(line)
+        if message is None:
+            continue
+        if message.get("quit"):
+            break
+        adapter_path = message.get("adapter")
+        if adapter_path not in adapters:
+            raise DistributedError(f"Adapter {adapter_path} was not declared at start", "restart with it")
+        request = GenerationRequest(**message["request"])
+        # Every rank samples the same token only from the same random state: rank 0's seed goes to all.
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(6), "little")
+        request = dataclasses.replace(request, seed=_broadcast_ints(group, [seed], rank)[0])
+        tokens = _broadcast_ints(group, prompt_tokens(tokenizer, request) if rank == 0 else None, rank)
+        try:
+            tokens = fit_context(tokens, request, context, "shorten the prompt or lower max_tokens")
+        except ContextError as exc:  # the same tokens on every rank: all refuse it and serve on
+            if rank == 0:
+                _report(rank, hosts[rank], exc, request_only=True)
+            continue
         nxt = None
         if adapter_path:
             path = Path(adapter_path)
@@ -196,9 +212,7 @@ def run(spec: dict[str, Any], rank: int) -> None:
         current = swapped.applied
         del nxt  # the whole adapter: this rank keeps only its part
         if rank == 0:
-            ev.emit(
-                ev.ANSWER, index=index, adapter=adapter_path, swap=swapped.mode, swap_seconds=swapped.seconds
-            )
+            ev.emit(ev.ANSWER, adapter=adapter_path, swap=swapped.mode, swap_seconds=swapped.seconds)
         generation = TextGeneration(model, tokenizer, tokens, request)
         for piece in generation:
             if rank == 0:
@@ -214,7 +228,6 @@ def run(spec: dict[str, Any], rank: int) -> None:
         if rank == 0:
             ev.emit(
                 ev.ANSWER_END,
-                index=index,
                 stats=dataclasses.asdict(stats),
                 rows=[
                     {
@@ -235,7 +248,9 @@ def run(spec: dict[str, Any], rank: int) -> None:
         ev.emit(ev.DONE)
 
 
-def _report(rank: int, host: str, error: MlxmanError, peer_lost: bool = False) -> None:
+def _report(
+    rank: int, host: str, error: MlxmanError, peer_lost: bool = False, request_only: bool = False
+) -> None:
     ev.emit(
         ev.ERROR,
         rank=rank,
@@ -244,6 +259,7 @@ def _report(rank: int, host: str, error: MlxmanError, peer_lost: bool = False) -
         message=error.message,
         hint=error.hint,
         peer_lost=peer_lost,
+        request_only=request_only,
     )
 
 
