@@ -14,7 +14,7 @@ import pytest
 
 from mlxman.demo import DemoKit
 from mlxman.library.catalog import list_models, scan
-from tests.helpers import imported_heavy_modules, run_cli, run_subprocess
+from tests.helpers import finishes, imported_heavy_modules, run_cli, run_subprocess
 
 REVISION = "a" * 40
 OLD_REVISION = "b" * 40
@@ -292,3 +292,30 @@ def test_a_relative_base_is_read_from_the_adapters_folder(
     [base] = ls_json()["models"]
     assert base["id"] == str((mine / "base").resolve())
     assert [a["name"] for a in base["adapters"]] == ["colors"]
+
+
+def test_a_fifo_in_the_cache_or_a_model_folder_does_not_hang_the_listing(
+    demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = tmp_path / "hub"
+    snapshot = hub_cache_repo(cache, "org/tiny", demo_kit.model, REVISION, main=False)
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    os.mkfifo(refs / "main")
+    fifo_model = tmp_path / "mine" / "fifo-model"
+    shutil.copytree(demo_kit.model, fifo_model)
+    (fifo_model / "config.json").unlink()
+    os.mkfifo(fifo_model / "config.json")
+    (fifo_model / "adapter_config.json").unlink(missing_ok=True)
+    fifo_weights = shutil.copytree(demo_kit.model, tmp_path / "mine" / "fifo-weights")
+    (fifo_weights / "model.safetensors").unlink()
+    os.mkfifo(fifo_weights / "model.safetensors")
+    _use_cache(monkeypatch, cache)
+    monkeypatch.setenv("MLXMAN_MODEL_DIRS", str(tmp_path / "mine"))
+    found: list[Any] = []
+    assert finishes(lambda: found.append(ls_json())) is None
+    models = by_id(found[0])
+    # refs/main cannot be read: the id carries the revision.
+    assert models[f"org/tiny@{REVISION}"]["error"] is None
+    assert "FIFO" in models[str(fifo_weights)]["error"]
+    assert str(fifo_model) not in models  # a config.json that is no file: not a model folder

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import MlxmanError
-from mlxman.files import CONFIG_MAX_BYTES, FileProblem, read_json_object
+from mlxman.files import CONFIG_MAX_BYTES, FileProblem, read_bounded, read_json_object
 from mlxman.safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -32,7 +32,7 @@ MISSING_BASE = "missing"
 # most per root: a model folder pointed at a home directory must not walk the whole disk.
 MAX_DEPTH = 3
 MAX_FOLDERS_PER_ROOT = 10_000
-_REVISION_CHARS = 12
+REF_MAX_BYTES = 1024
 
 _DTYPE_NAMES = {
     "F64": "float64",
@@ -271,7 +271,7 @@ def _cache_entries(cache: Path, problems: list[str]) -> Iterator[ModelEntry | Ad
             continue
         repo_id = repo.name.removeprefix("models--").replace("--", "/")
         folder = Path(repo.path)
-        refs = _refs(folder / "refs")
+        main = _main_ref(folder)
         try:
             snapshots = sorted(p for p in (folder / "snapshots").iterdir() if p.is_dir())
         except OSError:
@@ -287,7 +287,7 @@ def _cache_entries(cache: Path, problems: list[str]) -> Iterator[ModelEntry | Ad
             continue
         for snapshot in snapshots:
             revision = snapshot.name
-            entry_id = repo_id if refs.get("main") == revision else f"{repo_id}@{revision}"
+            entry_id = repo_id if main == revision else f"{repo_id}@{revision}"
             if _is_adapter_dir(snapshot) and not (snapshot / CONFIG_FILE).is_file():
                 yield replace(_adapter(snapshot), name=entry_id)  # an adapter repo (`mlxman pull`)
                 continue
@@ -296,18 +296,13 @@ def _cache_entries(cache: Path, problems: list[str]) -> Iterator[ModelEntry | Ad
             )
 
 
-def _refs(folder: Path) -> dict[str, str]:
-    refs: dict[str, str] = {}
+def _main_ref(folder: Path) -> str | None:
+    """The revision ``refs/main`` names (a 40-hex commit), None when there is none or it cannot be read."""
     try:
-        files = [p for p in folder.rglob("*") if p.is_file()]
-    except OSError:
-        return refs
-    for file in files:
-        try:
-            refs[str(file.relative_to(folder))] = file.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            continue
-    return refs
+        text = read_bounded(folder / "refs" / "main", REF_MAX_BYTES, "a cache ref").decode().strip()
+    except (FileProblem, UnicodeDecodeError):
+        return None
+    return text or None
 
 
 def _folder_entries(root: Path, problems: list[str]) -> tuple[list[ModelEntry], list[AdapterEntry]]:
