@@ -2,7 +2,7 @@
 
 ``mlxman --help`` lists every command from one-line help strings kept with the registry (a test checks them
 against each command's own help) and imports no command module; ``mlxman status`` imports ``cli/status.py``
-and nothing of the other commands.
+and nothing of the other commands. Plain option values also skip typer's pydantic conversion (see below).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class Lazy:
     help: str
 
 
-def load(name: str, lazy: Lazy, markup: Any = "rich") -> Any:
-    """Import ``lazy.target`` and build its click command, named ``name``."""
+def load(name: str, lazy: Lazy, markup: Any = None) -> Any:
+    """Import ``lazy.target`` and build its click command, named ``name``, with help in ``markup`` mode."""
     module_name, _, attr = lazy.target.partition(":")
     obj = getattr(importlib.import_module(module_name), attr)
     command: Any
