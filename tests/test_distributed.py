@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from mlxman.demo import DemoKit
 from mlxman.distributed.checks import RankShare, share_problems, version_problem
 from mlxman.distributed.hostfile import parse_hostfile, read_hostfile
 from mlxman.errors import UsageError
+from tests.server_harness import running_server
 
 MLXMAN = [sys.executable, "-m", "mlxman"]
 LOOPBACK = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
@@ -301,3 +304,68 @@ def test_a_rank_killed_mid_generation_ends_the_run_with_a_clear_error(
     )
     # Rank 0 did not stay behind.
     assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+# --- serve --hosts -----------------------------------------------------------------------------------------
+
+
+def test_serve_hosts_answers_with_adapters_and_survives_a_killed_rank(
+    demo_kit: DemoKit, endless_model: Path, hosts: Path, tmp_path: Path
+) -> None:
+    base, colors = str(demo_kit.model), str(demo_kit.adapters["colors"])
+    endless = str(endless_model)
+    with running_server(
+        tmp_path,
+        "--hosts",
+        str(hosts),
+        "--preload",
+        base,
+        "--preload",
+        f"{base}::{colors}",
+    ) as server:
+        health = server.get("/health").json()
+        assert health["status"] == "ok" and [r["rank"] for r in health["ranks"]] == [0, 1]
+        assert all(r["weights_bytes"] == r["measured_bytes"] for r in health["ranks"])
+        ids = {m.id for m in server.openai().models.list().data}
+        assert ids == {base, f"{base}::{colors}"}
+        chat = server.openai().chat.completions.create(
+            model=f"{base}::colors", messages=[{"role": "user", "content": "hello"}], max_tokens=16
+        )
+        want = _single(demo_kit, [colors])[0]
+        assert chat.choices[0].message.content == want
+        streamed = server.openai().chat.completions.create(
+            model=base, messages=[{"role": "user", "content": "hello"}], max_tokens=16, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == _single(demo_kit, ["none"])[0]
+        missing = server.post("/v1/completions", {"model": f"{base}::nope", "prompt": "hi"})
+        assert missing.status_code == 404 and "was not loaded" in missing.json()["error"]["message"]
+
+    with running_server(tmp_path, "--hosts", str(hosts), "--preload", endless) as server:
+        ranks = [
+            p
+            for p in psutil.Process(server.process.pid).children(recursive=True)
+            if p.cmdline()[1:3] == ["-m", "mlxman.distributed.rank"]
+        ]
+        answers: dict[str, Any] = {}
+
+        def long_request() -> None:
+            answers["long"] = server.post(
+                "/v1/completions", {"model": endless, "prompt": "hi", "max_tokens": 3000}
+            )
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        wait_for = [p for p in ranks if p.environ().get("MLX_RANK") == "1"]
+        assert len(ranks) == 2 and len(wait_for) == 1
+        time.sleep(1.0)  # well into the request (thousands of tokens), whatever the machine's speed
+        wait_for[0].send_signal(signal.SIGKILL)
+        worker.join(RUN_LIMIT)
+        failed = answers["long"]
+        assert failed.status_code == 503
+        assert failed.json()["error"]["message"].startswith("Rank 1 (127.0.0.1) was killed by signal 9")
+        # The server still answers: it says why the ranks are down, and the next request starts them again.
+        health = server.get("/health").json()
+        assert health["status"] == "down" and "Rank 1 (127.0.0.1)" in health["error"]
+        again = server.post("/v1/completions", {"model": endless, "prompt": "hi", "max_tokens": 4})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+        assert server.get("/health").json()["status"] == "ok"

@@ -97,6 +97,25 @@ def serve(
             "--max-queue", help="Most requests waiting per base; beyond it a request gets 429.", min=1
         ),
     ] = DEFAULT_MAX_QUEUE,
+    hosts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--hosts",
+            help="Serve one model sharded over the machines of this hostfile (mlx.distributed_config's): "
+            "--preload MODEL, and MODEL::ADAPTER for each adapter.",
+        ),
+    ] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option("--backend", help="With --hosts: ring or jaccl (default: the hostfile's)."),
+    ] = None,
+    shard: Annotated[
+        str, typer.Option("--shard", help="With --hosts: pipeline (whole blocks per machine) or tensor.")
+    ] = "pipeline",
+    rank_timeout: Annotated[
+        float,
+        typer.Option("--rank-timeout", help="With --hosts: seconds to wait for the ranks and each token."),
+    ] = 60.0,
 ) -> None:
     """Serve the pool over HTTP: OpenAI-compatible /v1 endpoints plus pool admin; stop with Ctrl-C."""
     from mlxman.pool import parse_keep_alive
@@ -106,6 +125,22 @@ def serve(
 
     config = load_config()
     address = server_address(host, config.get("host"), _config_port(config.get("port")) or DEFAULT_PORT)
+    if hosts is not None:
+        from mlxman.cli.sharded import serve_sharded_cli
+
+        serve_sharded_cli(
+            hosts=hosts,
+            backend=backend,
+            shard=shard,
+            rank_timeout=rank_timeout,
+            preload=preload or [],
+            host=address.host,
+            port=port or address.port,
+            api_key=api_key_from_env(api_key_env),
+            memory_limit=memory_limit,
+            context_length=context_length,
+        )
+        return
     keep_alive_spec = str(keep_alive or config.get("keep_alive") or DEFAULT_KEEP_ALIVE)
     limits = resolve_pool_limits(context_length, max_models, config)
     options = ServeOptions(

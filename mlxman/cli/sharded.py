@@ -132,3 +132,56 @@ def generate_sharded(
     run_sharded(job, [(a, asked) for a in adapter_dirs], on_event)
     if json_output:
         out.json(answers)
+
+
+def serve_sharded_cli(
+    *,
+    hosts: Path,
+    backend: str | None,
+    shard: str,
+    rank_timeout: float,
+    preload: list[str],
+    host: str,
+    port: int,
+    api_key: str | None,
+    memory_limit: str | None,
+    context_length: int | None,
+) -> None:
+    """``serve --hosts``: the model and adapters from ``--preload MODEL`` and ``--preload MODEL::ADAPTER``."""
+    from mlxman.distributed.hostfile import read_hostfile
+    from mlxman.distributed.launch import ShardedJob
+    from mlxman.distributed.server import ShardedService, serve_sharded
+    from mlxman.distributed.sharding import SHARD_MODES
+    from mlxman.models.resolve import resolve_model
+    from mlxman.server.security import is_loopback
+    from mlxman.settings import load_config, resolve_pool_limits
+
+    if shard not in SHARD_MODES:
+        raise UsageError(f"Unknown --shard {shard!r}", f"use one of {', '.join(SHARD_MODES)}")
+    models = {p.partition("::")[0] for p in preload}
+    if len(models) != 1:
+        raise UsageError(
+            "--hosts serves one model: pass --preload MODEL (and MODEL::ADAPTER for each adapter)",
+            "e.g. --preload ~/models/big --preload ~/models/big::~/adapters/a",
+        )
+    model = models.pop()
+    adapters: list[str | None] = [None]
+    for p in preload:
+        adapter = p.partition("::")[2]
+        if adapter:
+            adapters.append(str(Path(adapter).expanduser().resolve()))
+    hostfile = read_hostfile(hosts, backend)
+    resolved = resolve_model(model)
+    limits = resolve_pool_limits(context_length, None, load_config())
+    job = ShardedJob(
+        hostfile=hostfile,
+        model_dir=resolved.path.resolve(),
+        adapters=tuple(adapters),
+        mode=shard,
+        context_tokens=limits.context_tokens,
+        memory_limit=memory_limit,
+        timeout=rank_timeout,
+    )
+    if not is_loopback(host) and not api_key:
+        out.warn(f"Serving on {host} without an API key: anyone who can reach this port can use the model")
+    serve_sharded(ShardedService(job, model), host, port, api_key, lambda m: out.info(f"[muted]{m}[/muted]"))

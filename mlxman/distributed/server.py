@@ -1,0 +1,306 @@
+"""``mlxman serve --hosts``: one sharded model and its adapters behind an OpenAI-compatible HTTP API.
+
+The HTTP server lives in the launching process on rank 0's machine; the ranks run under ``mlx.launch`` and
+take one request at a time. A rank that dies ends the request it was running with an error; the server keeps
+answering, says why the ranks are down (``/health``), and starts them again for the next request.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mlxman.distributed.launch import RankGroup, ShardedJob
+from mlxman.errors import ContextError, MlxmanError, NotFoundError, UsageError
+from mlxman.generate import GenerationRequest
+from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
+from mlxman.server.security import check_bearer
+from mlxman.settings import DEFAULT_MAX_TOKENS
+
+_STATUS: dict[type[MlxmanError], tuple[int, str]] = {
+    NotFoundError: (404, "not_found_error"),
+    ContextError: (400, "invalid_request_error"),
+    UsageError: (400, "invalid_request_error"),
+}
+
+
+def _error(exc: MlxmanError) -> JSONResponse:
+    status, kind = next(
+        ((s, k) for cls, (s, k) in _STATUS.items() if isinstance(exc, cls)), (503, "server_error")
+    )
+    return JSONResponse(error_body(str(exc), kind), status_code=status)
+
+
+@dataclass
+class ShardedService:
+    """The rank group of one model, asked one request at a time and started again after it went down."""
+
+    job: ShardedJob
+    model_id: str
+    group: RankGroup | None = None
+    loaded_rows: list[dict[str, Any]] = field(default_factory=list)
+    last_rows: list[dict[str, Any]] = field(default_factory=list)
+    last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ids(self) -> list[str]:
+        return [self.model_id] + [f"{self.model_id}::{a}" for a in self.job.adapters if a]
+
+    def adapter_of(self, name: str) -> str | None:
+        """The declared adapter that a request's ``model`` names: ``MODEL::ADAPTER``, by path or folder."""
+        model, _, adapter = name.partition("::")
+        if model not in (self.model_id, str(self.job.model_dir), self.job.model_dir.name):
+            raise NotFoundError(f"Model {model!r} is not served here", f"use one of {', '.join(self.ids())}")
+        if not adapter:
+            return None
+        for declared in self.job.adapters:
+            if declared and adapter in (declared, Path(declared).name):
+                return declared
+        raise NotFoundError(
+            f"Adapter {adapter!r} was not loaded with this sharded model",
+            f"use one of {', '.join(self.ids())}",
+        )
+
+    def start(self) -> None:
+        """Start the ranks when they are not running (the first request after a failure comes here)."""
+        if self.group is not None and self.group.up:
+            return
+        if self.group is not None:
+            self.group.close()
+        group = RankGroup(self.job)
+        try:
+            group.start(self._note)
+        except MlxmanError as exc:
+            self.last_error = str(exc)
+            raise
+        self.group = group
+
+    def _note(self, event: dict[str, Any]) -> None:
+        if event["event"] == "loaded":
+            self.loaded_rows = list(event["rows"])
+        elif event["event"] == "answer_end":
+            self.last_rows = list(event["rows"])
+
+    def ask(self, adapter: str | None, request: dict[str, Any], on_text: Any) -> dict[str, Any]:
+        """Run one request on every rank; the stats of rank 0's answer."""
+        done: dict[str, Any] = {}
+
+        def on_event(event: dict[str, Any]) -> None:
+            self._note(event)
+            if event["event"] == "text":
+                on_text(event["text"])
+            elif event["event"] == "answer_end":
+                done.update(event["stats"])
+
+        with self.lock:
+            self.start()
+            assert self.group is not None
+            try:
+                self.group.ask(adapter, request, on_event)
+            except MlxmanError as exc:
+                if not getattr(exc, "request_only", False):
+                    self.last_error = str(exc)
+                raise
+        return done
+
+    def health(self) -> dict[str, Any]:
+        up = self.group is not None and self.group.up
+        rows = {r["rank"]: dict(r) for r in self.loaded_rows}
+        for r in self.last_rows:
+            rows.setdefault(r["rank"], {}).update(r)
+        return {
+            "status": "ok" if up else "down",
+            "model": self.model_id,
+            "shard": self.job.mode,
+            "backend": self.job.hostfile.backend,
+            "error": None if up else self.last_error,
+            "ranks": [rows[k] for k in sorted(rows)],
+        }
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+
+
+def _generation(body: SamplingFields) -> dict[str, Any]:
+    if body.stop_sequences():
+        raise UsageError("stop sequences are not supported on a sharded model", "leave out stop")
+    fields: dict[str, Any] = {
+        "max_tokens": body.token_limit() or DEFAULT_MAX_TOKENS,  # type: ignore[attr-defined]
+        "temperature": body.temperature if body.temperature is not None else 0.0,
+        "top_p": body.top_p if body.top_p is not None else 1.0,
+        "seed": body.seed,
+        "truncate_prompt_tokens": body.truncate_prompt_tokens,
+    }
+    if isinstance(body, ChatCompletionRequest):
+        fields["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
+    else:
+        assert isinstance(body, CompletionRequest)
+        fields.update(prompt=body.prompt_text(), raw=True)
+    GenerationRequest(**fields).check()
+    return fields
+
+
+def create_sharded_app(service: ShardedService, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="mlxman (sharded)")
+
+    @app.middleware("http")
+    async def key_check(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path != "/health":
+            try:
+                check_bearer(request.headers.get("authorization"), api_key)
+            except MlxmanError as exc:
+                return JSONResponse(error_body(str(exc), "authentication_error"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(MlxmanError)
+    async def on_error(_request: Request, exc: MlxmanError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return JSONResponse(
+            error_body(f"{where}: {first.get('msg', 'invalid')}", "invalid_request_error"), 400
+        )
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        data = [{"id": i, "object": "model", "owned_by": "mlxman"} for i in service.ids()]
+        return {"object": "list", "data": data}
+
+    def complete(body: SamplingFields, chat: bool) -> Any:
+        adapter = service.adapter_of(body.model)
+        fields = _generation(body)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if not body.stream:
+            pieces: list[str] = []
+            stats = service.ask(adapter, fields, pieces.append)
+            return _whole(rid, created, body.model, chat, "".join(pieces), stats)
+        return StreamingResponse(
+            _sse(service, adapter, fields, rid, created, body.model, chat), media_type="text/event-stream"
+        )
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(body: ChatCompletionRequest) -> Any:
+        return complete(body, True)
+
+    @app.post("/v1/completions", response_model=None)
+    def completions(body: CompletionRequest) -> Any:
+        return complete(body, False)
+
+    return app
+
+
+def _finish(stats: dict[str, Any]) -> str:
+    return "length" if stats.get("finish_reason") == "length" else "stop"
+
+
+def _usage(stats: dict[str, Any]) -> dict[str, int]:
+    p, g = int(stats.get("prompt_tokens", 0)), int(stats.get("generation_tokens", 0))
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+def _whole(
+    rid: str, created: int, model: str, chat: bool, text: str, stats: dict[str, Any]
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(stats), "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    obj = "chat.completion" if chat else "text_completion"
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(stats),
+    }
+
+
+def _sse(
+    service: ShardedService,
+    adapter: str | None,
+    fields: dict[str, Any],
+    rid: str,
+    created: int,
+    model: str,
+    chat: bool,
+) -> Iterator[str]:
+    """Server-sent events of one request; the generation runs on its own thread, feeding a queue."""
+    items: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            items.put(("end", service.ask(adapter, fields, lambda t: items.put(("text", t)))))
+        except MlxmanError as exc:
+            items.put(("error", exc))
+
+    threading.Thread(target=work, daemon=True).start()
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str, finish: str | None) -> str:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat:
+            choice["delta"] = {"content": text} if text or finish is None else {}
+        else:
+            choice["text"] = text
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    while True:
+        kind, value = items.get()
+        if kind == "text":
+            yield chunk(value, None)
+        elif kind == "end":
+            yield chunk("", _finish(value))
+            break
+        else:
+            exc: MlxmanError = value
+            yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+            break
+    yield "data: [DONE]\n\n"
+
+
+def serve_sharded(service: ShardedService, host: str, port: int, api_key: str | None, narrate: Any) -> None:
+    """Start the ranks, then serve until Ctrl-C; the ranks are stopped on the way out."""
+    import uvicorn
+
+    from mlxman.server.runner import _signals_recorded, bind
+
+    sock = bind(host, port)
+    try:
+        with service.lock:
+            service.start()
+        for row in service.health()["ranks"]:
+            narrate(f"rank {row['rank']} ({row['host']}): {row['weights_bytes']:,} bytes of weights")
+        narrate(
+            f"Serving {service.model_id} sharded over {len(service.job.hostfile.hosts)} ranks on http://{host}:{port}"
+        )
+        config = uvicorn.Config(create_sharded_app(service, api_key), log_config=None, access_log=False)
+        with _signals_recorded():
+            uvicorn.Server(config).run(sockets=[sock])
+        narrate("Stopping the ranks")
+    finally:
+        service.close()
+        sock.close()
+    narrate("Stopped")
