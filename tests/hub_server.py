@@ -20,6 +20,7 @@ HTTP), pagination, commits and uploads, rate limits, gzip, and any endpoint a do
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -47,7 +48,7 @@ class HubRepo:
     def sha(self) -> str:
         digest = hashlib.sha1(self.repo_id.encode())
         for name in sorted(self.files):
-            digest.update(name.encode() + b"\0" + self.files[name])
+            digest.update(name.encode() + b"\0" + sha256(self.files[name]).encode())
         return digest.hexdigest()
 
     def commit_of(self, revision: str) -> str | None:
@@ -63,8 +64,16 @@ class HubRepo:
         return HubRepo(repo_id, {**files, **(extra or {})})
 
 
+# Hashes are kept per content (a bytes object caches its own hash, so a lookup costs nothing after the first):
+# every API call names every file's hashes, and a 200 MB shard would otherwise be hashed on each.
+@functools.cache
 def git_blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@functools.cache
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def is_lfs(name: str) -> bool:
@@ -119,10 +128,10 @@ class LocalHub:
         """The GETs of a file's bytes (from the CDN for weights, else from /resolve)."""
         return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + name)]
 
-    def blob(self, sha256: str) -> tuple[str, bytes] | None:
+    def blob(self, digest: str) -> tuple[str, bytes] | None:
         for repo in self.repos.values():
             for name, data in repo.files.items():
-                if hashlib.sha256(data).hexdigest() == sha256:
+                if sha256(data) == digest:
                     return name, data
         return None
 
@@ -200,8 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
         if blobs:
             entry.update(size=len(data), oid=git_blob_sha(data), blobId=git_blob_sha(data))
             if is_lfs(name):  # the tree listing names the sha256 `oid`, the model info `sha256`
-                sha256 = hashlib.sha256(data).hexdigest()
-                entry["lfs"] = {"oid": sha256, "sha256": sha256, "size": len(data), "pointerSize": 134}
+                digest = sha256(data)
+                entry["lfs"] = {"oid": digest, "sha256": digest, "size": len(data), "pointerSize": 134}
         return entry
 
     def _resolve(self, repo_id: str, rev: str, name: str, body: bool) -> None:
@@ -219,11 +228,11 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._error(404, "EntryNotFound", "Entry not found", body, commit)
         if is_lfs(name):
-            sha256 = hashlib.sha256(data).hexdigest()
+            digest = sha256(data)
             self.send_response(302)
-            self.send_header("Location", f"{self.owner.cdn}/cdn/{sha256}/{name}")
+            self.send_header("Location", f"{self.owner.cdn}/cdn/{digest}/{name}")
             self.send_header("X-Repo-Commit", commit)
-            self.send_header("X-Linked-Etag", f'"{sha256}"')
+            self.send_header("X-Linked-Etag", f'"{digest}"')
             self.send_header("X-Linked-Size", str(len(data)))
             self.send_header("ETag", f'"{git_blob_sha(data)}"')
             self.send_header("Content-Length", "0")
@@ -231,12 +240,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._bytes(name, data, body, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha(data)}"'})
 
-    def _cdn(self, sha256: str, body: bool) -> None:
-        found = self.owner.blob(sha256)
+    def _cdn(self, digest: str, body: bool) -> None:
+        found = self.owner.blob(digest)
         if found is None:
             return self._error(404, None, "NoSuchKey", body)
         name, data = found
-        self._bytes(name, data, body, {"ETag": f'"{sha256}"'})
+        self._bytes(name, data, body, {"ETag": f'"{digest}"'})
 
     def _bytes(self, name: str, data: bytes, body: bool, headers: dict[str, str]) -> None:
         start = 0
