@@ -11,8 +11,9 @@ Emulated (as the Hub answers them, per huggingface_hub's own client code):
 - Errors with the Hub's ``X-Error-Code`` headers: an unknown repo is 401 ``RepoNotFound`` (what the Hub
   tells an anonymous client), an unknown revision 404 ``RevisionNotFound``, a missing file 404
   ``EntryNotFound``, and a gated repo's files 401 ``GatedRepo`` (its metadata stays readable, as on the Hub).
-- Faults a test asks for: a connection dropped halfway through a file (once), or a file that stalls
-  halfway until released (to interrupt the client mid-file).
+- Faults a test asks for: a connection dropped partway through a file (once), a file that stalls halfway
+  until released (to interrupt the client mid-file), or a file served short (a whole response, half the
+  size the metadata announced).
 
 Not emulated: authentication and tokens, Xet storage (no ``X-Xet-*`` headers, so the client uses plain
 HTTP), pagination, commits and uploads, rate limits, gzip, and any endpoint a download does not call.
@@ -96,6 +97,7 @@ class LocalHub:
         self.requests: list[Request] = []
         self.drop_once: dict[str, int] = {}  # file name -> bytes sent before its first body is cut off
         self.stall: set[str] = set()  # file names whose body stops halfway until `release` is set
+        self.short: set[str] = set()  # file names served cut in half, as a whole (shorter) response
         self.stalled = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -255,6 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
         if start > len(data):
             return self._error(416, None, "Range Not Satisfiable", body)
         part = data[start:]
+        if name in self.owner.short and self.command == "GET":
+            part = part[: len(part) // 2]
         self.send_response(206 if start else 200)
         for key, value in headers.items():
             self.send_header(key, value)

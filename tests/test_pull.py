@@ -525,3 +525,11 @@ def test_rm_will_not_guess_when_the_server_wants_a_key(hub: LocalHub, hf_home: P
         )
         assert keyed.returncode == 0, keyed.stderr
     assert not repo_folder(hf_home, MODEL).exists()
+
+
+def test_a_file_shorter_than_announced_is_a_clear_error(hub: LocalHub, hf_home: Path) -> None:
+    hub.short.add("model.safetensors")
+    proc = mlxman(hub, hf_home, "pull", MODEL)
+    assert_clean_error(proc, 1, f"The download of model.safetensors of {MODEL} went wrong", "pull again")
+    folder = repo_folder(hf_home, MODEL)
+    assert not list((folder / "blobs").glob("*.incomplete")) and not (folder / "refs" / "main").exists()

@@ -349,6 +349,13 @@ def _disk_errors(plan: PullPlan, item: RemoteFile, root: Path) -> Iterator[None]
                 "is larger than its file system or the process's file size limit allows",
                 "point HF_HOME at a disk that takes large files (not FAT32), or raise `ulimit -f`",
             ) from None
+        if exc.errno is None:  # huggingface_hub's own: the bytes received are not the size announced
+            text = str(exc).strip()
+            reason = text.splitlines()[0].split(" (", 1)[0].rstrip(".") if text else "it broke off"
+            raise MlxmanError(
+                f"The download of {item.name} of {_spec_text(plan)} went wrong: {reason}",
+                "pull again: finished files are kept",
+            ) from None
         raise
 
 
