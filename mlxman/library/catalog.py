@@ -178,11 +178,11 @@ def scan(
         found_models, found_adapters = _folder_entries(root, problems)
         models.extend(found_models)
         adapters.extend(found_adapters)
-    models = _dedupe(models)
     names = list_names()
+    # Matched on names alone first, so that `ls WORD` reads the headers of the matches only.
+    models = [m for m in _attach(_dedupe(models), adapters, names) if _wanted(m, None, match)]
     models = [_describe(m, budget_bytes, context_tokens) if m.error is None else m for m in models]
-    models = _attach(models, adapters, names)
-    models = [m for m in models if _wanted(m, kind, match)]
+    models = [m for m in models if _wanted(m, kind, None)]
     if match:
         names = [n for n in names if match.lower() in f"{n.name} {n.target}".lower()]
     return Library(
