@@ -37,6 +37,7 @@ GATED = "org/gated-llama"
 BIG = "org/big-shard"
 EMBEDDER = "org/tiny-embedder"
 VISION = "org/tiny-vision"
+BROKEN = "org/broken-weights"
 MODEL_FILES = {
     "config.json",
     "model.safetensors",
@@ -83,7 +84,8 @@ def repos(demo_kit: DemoKit) -> list[HubRepo]:
     big = HubRepo(BIG, {"config.json": config, "model.safetensors": _safetensors(BIG_BYTES)})
     embedder = HubRepo.from_folder(EMBEDDER, demo_kit.embeddings_model, NOT_FETCHED)
     vision = HubRepo.from_folder(VISION, demo_kit.vision_model, NOT_FETCHED)
-    return [model, adapter, torch, gated, big, embedder, vision]
+    broken = HubRepo(BROKEN, {"config.json": config, "model.safetensors": struct.pack("<Q", 10**6) + b"{}"})
+    return [model, adapter, torch, gated, big, embedder, vision, broken]
 
 
 @pytest.fixture
@@ -533,3 +535,12 @@ def test_a_file_shorter_than_announced_is_a_clear_error(hub: LocalHub, hf_home: 
     assert_clean_error(proc, 1, f"The download of model.safetensors of {MODEL} went wrong", "pull again")
     folder = repo_folder(hf_home, MODEL)
     assert not list((folder / "blobs").glob("*.incomplete")) and not (folder / "refs" / "main").exists()
+
+
+def test_a_repo_whose_files_do_not_check_out_is_not_recorded(hub: LocalHub, hf_home: Path) -> None:
+    proc = mlxman(hub, hf_home, "pull", BROKEN)
+    assert_clean_error(
+        proc, 1, f"{BROKEN} was fetched but does not check out", "model.safetensors", f"mlxman rm {BROKEN}"
+    )
+    assert not (repo_folder(hf_home, BROKEN) / "refs" / "main").exists()
+    assert mlxman(hub, hf_home, "rm", BROKEN, "--yes").returncode == 0

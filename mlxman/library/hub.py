@@ -497,9 +497,16 @@ def _unreachable(text: str, exc: BaseException) -> MlxmanError:
 def check_pulled(plan: PullPlan, path: Path) -> tuple[dict[str, Any], list[str]]:
     """Check the fetched folder as a loader would see it (config, every safetensors header, shards named by
     an index; an adapter through ``adapter validate``), before the pull says done. Returns what it read."""
-    if plan.kind == "adapter":
-        return _check_adapter(plan, path)
-    return _check_model(plan, path), []
+    try:
+        if plan.kind == "adapter":
+            return _check_adapter(plan, path)
+        return _check_model(plan, path), []
+    except MlxmanError as exc:
+        # Pulling again fetches the same bytes: the repo is what is broken, and the branch stays unrecorded.
+        raise type(exc)(
+            f"{_spec_text(plan)} was fetched but does not check out: {exc.message}",
+            f"tell the repo's owner; `mlxman rm {plan.repo_id}` removes what was fetched",
+        ) from None
 
 
 def _check_model(plan: PullPlan, path: Path) -> dict[str, Any]:
@@ -514,15 +521,12 @@ def _check_model(plan: PullPlan, path: Path) -> dict[str, Any]:
         try:
             weight_map = read_json_object(path / index, INDEX_MAX_BYTES, "a weight index").get("weight_map")
         except (FileProblem, ValueError) as exc:
-            raise ModelError(f"{_spec_text(plan)}: {index} {exc}", "pull it again") from None
+            raise ModelError(f"{index} {exc}") from None
         prefix = index.rsplit("/", 1)[0] + "/" if "/" in index else ""
         shards = {prefix + s for s in weight_map.values()} if isinstance(weight_map, dict) else set()
         missing = sorted(s for s in shards if isinstance(s, str) and s not in names)
         if missing:
-            raise ModelError(
-                f"{_spec_text(plan)}: {index} names shards the repo does not have ({_listing(missing)})",
-                "the repo is incomplete; tell its owner, or pull another revision",
-            )
+            raise ModelError(f"{index} names shards the repo does not have ({_listing(missing)})")
     tensors = 0
     weight_bytes = 0
     dtypes: dict[str, int] = {}
@@ -530,7 +534,7 @@ def _check_model(plan: PullPlan, path: Path) -> dict[str, Any]:
         try:
             header = read_header(path / name)
         except HeaderError as exc:
-            raise ModelError(f"{_spec_text(plan)}: {exc}", "pull it again") from None
+            raise ModelError(str(exc)) from None
         tensors += len(header.tensors)
         weight_bytes += header.data_bytes
         for t in header.tensors.values():
@@ -557,7 +561,7 @@ def _check_adapter(plan: PullPlan, path: Path) -> tuple[dict[str, Any], list[str
     base_path = _local_base(base) if isinstance(base, str) else None
     report = validate_adapter(path, base_path)
     if not report.ok:
-        raise AdapterError(report.summary(), f"the adapter in {_spec_text(plan)} is broken; tell its owner")
+        raise AdapterError(report.summary())
     warnings = [f.line() for f in report.warnings]
     if isinstance(base, str) and base_path is None:
         hint = f"; pull it with `mlxman pull {base}`" if _is_repo_id(base) else ""
