@@ -337,6 +337,13 @@ def test_serve_hosts_answers_with_adapters_and_survives_a_killed_rank(
             model=base, messages=[{"role": "user", "content": "hello"}], max_tokens=16, stream=True
         )
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == _single(demo_kit, ["none"])[0]
+        # `pool status` and `status` show a row per rank: host, weights, KV, adapter, MLX active memory.
+        for command in (["pool", "status"], ["status"]):
+            shown = _run(*command, "--host", server.host)
+            assert shown.returncode == 0, shown.stderr
+            rows = [line.split() for line in shown.stdout.splitlines() if " 127.0.0.1 " in line]
+            assert [r[:2] for r in rows] == [["0", "127.0.0.1"], ["1", "127.0.0.1"]]
+            assert "RANK" in shown.stdout and "MLX ACTIVE" in shown.stdout
         missing = server.post("/v1/completions", {"model": f"{base}::nope", "prompt": "hi"})
         assert missing.status_code == 404 and "was not loaded" in missing.json()["error"]["message"]
 

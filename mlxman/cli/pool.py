@@ -184,6 +184,24 @@ def render_pool(status: dict[str, Any], where: str) -> None:
     for line in lines:
         # Wrapped here, between words: the terminal would cut anywhere.
         out.text(escape(textwrap.fill(line, max(out.stdout.width, NAME_MIN_WIDTH), break_long_words=False)))
+    if status.get("ranks"):
+        _render_ranks(status["ranks"])
+
+
+def _render_ranks(ranks: list[dict[str, Any]]) -> None:
+    """A sharded model (`serve --hosts`): a row per rank and its machine."""
+    table = Table(box=None, header_style="title", pad_edge=False, padding=(0, 1, 0, 0))
+    for column in ("RANK", "HOST", "WEIGHTS", "KV", "ADAPTER", "MLX ACTIVE", "BUDGET"):
+        table.add_column(column, no_wrap=True)
+    for r in ranks:
+        cells = [r.get("weights_bytes"), r.get("kv_bytes"), r.get("adapter_bytes"), r.get("active_bytes")]
+        table.add_row(
+            str(r.get("rank", "-")),
+            escape(str(r.get("host", "-"))),
+            *(format_bytes(c) for c in cells),
+            format_bytes(r.get("budget_bytes")),
+        )
+    out.show(table)
 
 
 @app.command("status")

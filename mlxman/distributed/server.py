@@ -51,7 +51,10 @@ class ShardedService:
     group: RankGroup | None = None
     loaded_rows: list[dict[str, Any]] = field(default_factory=list)
     last_rows: list[dict[str, Any]] = field(default_factory=list)
+    share_rows: list[dict[str, Any]] = field(default_factory=list)
     last_error: str | None = None
+    in_use: int = 0
+    started: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ids(self) -> list[str]:
@@ -87,7 +90,9 @@ class ShardedService:
         self.group = group
 
     def _note(self, event: dict[str, Any]) -> None:
-        if event["event"] == "loaded":
+        if event["event"] == "shares":
+            self.share_rows = list(event["rows"])
+        elif event["event"] == "loaded":
             self.loaded_rows = list(event["rows"])
         elif event["event"] == "answer_end":
             self.last_rows = list(event["rows"])
@@ -103,29 +108,103 @@ class ShardedService:
             elif event["event"] == "answer_end":
                 done.update(event["stats"])
 
-        with self.lock:
-            self.start()
-            assert self.group is not None
-            try:
-                self.group.ask(adapter, request, on_event)
-            except MlxmanError as exc:
-                if not getattr(exc, "request_only", False):
-                    self.last_error = str(exc)
-                raise
+        self.in_use += 1
+        try:
+            with self.lock:
+                self.start()
+                assert self.group is not None
+                try:
+                    self.group.ask(adapter, request, on_event)
+                except MlxmanError as exc:
+                    if not getattr(exc, "request_only", False):
+                        self.last_error = str(exc)
+                    raise
+        finally:
+            self.in_use -= 1
         return done
+
+    def ranks(self) -> list[dict[str, Any]]:
+        """A row per rank: host, weights (estimated and measured), KV, adapter, MLX active memory, budget."""
+        rows: dict[int, dict[str, Any]] = {}
+        for source in (self.share_rows, self.loaded_rows, self.last_rows):
+            for r in source:
+                rows.setdefault(r["rank"], {}).update(r)
+        return [rows[k] for k in sorted(rows)]
+
+    def pool(self) -> dict[str, Any]:
+        """The sharded model in the shape of a pool's status (what `pool status` and `status` show)."""
+        ranks = self.ranks()
+        weights = sum(int(r.get("weights_bytes", 0)) for r in ranks)
+        measured = sum(int(r.get("measured_bytes", 0)) for r in ranks)
+        kv = sum(int(r.get("kv_bytes", 0)) for r in ranks)
+        budget = sum(int(r.get("budget_bytes", 0)) for r in ranks)
+        entry = {"kind": "text", "parent": None, "context_tokens": self.job.context_tokens, "pinned": True}
+        entries = [
+            {
+                **entry,
+                "key": self.model_id,
+                "estimated_bytes": weights,
+                "measured_bytes": measured,
+                "kv_bytes": kv,
+                "in_use": self.in_use,
+            }
+        ]
+        for a in self.job.adapters:
+            if a:
+                entries.append(
+                    {
+                        **entry,
+                        "key": f"{self.model_id}::{a}",
+                        "parent": self.model_id,
+                        "estimated_bytes": 0,
+                        "in_use": 0,
+                    }
+                )
+        used = max(weights, measured) + kv
+        return {
+            "entries": entries,
+            "used_bytes": used,
+            "budget_bytes": budget,
+            "free_bytes": max(budget - used, 0),
+            "model_count": 1,
+            "max_models": 1,
+            "context_tokens": self.job.context_tokens,
+            "available_bytes": sum(int(r.get("available_bytes", 0)) for r in ranks),
+            "budget": {"spec": f"sum over {len(ranks)} ranks", "source": "each host"},
+            "ranks": ranks,
+        }
+
+    def server(self) -> dict[str, Any]:
+        """This process and, for MLX memory, the ranks' totals (the weights live there, not here)."""
+        import dataclasses
+
+        from mlxman import __version__
+        from mlxman.system import process_info
+
+        ranks = self.ranks()
+        mlx = {
+            "active_memory": sum(int(r.get("active_bytes", 0)) for r in ranks),
+            "peak_memory": sum(int(r.get("peak_bytes", r.get("active_bytes", 0))) for r in ranks),
+            "cache_memory": 0,
+            "memory_limit": sum(int(r.get("budget_bytes", 0)) for r in ranks),
+        }
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            **dataclasses.asdict(process_info()),
+            "mlx": mlx,
+            "ranks": ranks,
+        }
 
     def health(self) -> dict[str, Any]:
         up = self.group is not None and self.group.up
-        rows = {r["rank"]: dict(r) for r in self.loaded_rows}
-        for r in self.last_rows:
-            rows.setdefault(r["rank"], {}).update(r)
         return {
             "status": "ok" if up else "down",
             "model": self.model_id,
             "shard": self.job.mode,
             "backend": self.job.hostfile.backend,
             "error": None if up else self.last_error,
-            "ranks": [rows[k] for k in sorted(rows)],
+            "ranks": self.ranks(),
         }
 
     def close(self) -> None:
@@ -179,6 +258,14 @@ def create_sharded_app(service: ShardedService, api_key: str | None = None) -> F
     @app.get("/health")
     def health() -> dict[str, Any]:
         return service.health()
+
+    @app.get("/api/pool")
+    def pool() -> dict[str, Any]:
+        return service.pool()
+
+    @app.get("/api/server")
+    def server() -> dict[str, Any]:
+        return service.server()
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
