@@ -282,6 +282,7 @@ def test_an_adapter_repo_is_validated_against_its_base_when_the_base_is_here(
     with_base = mlxman(hub, hf_home, "pull", ADAPTER)
     assert with_base.returncode == 0, with_base.stderr
     assert f"fits {MODEL}" in with_base.stderr
+    assert "Warning" not in with_base.stderr  # the base it records is the cached repo it was checked against
     assert f"--adapter {with_base.stdout.strip()}" in with_base.stderr
 
 

@@ -444,6 +444,9 @@ def _check_base_name(
     names = {base.path.name, base.path.resolve().name, given.rstrip("/").rsplit("/", 1)[-1]}
     if recorded.rstrip("/").rsplit("/", 1)[-1] in names or recorded in (base.config.get("_name_or_path"),):
         return
+    # A Hugging Face id is checked against its snapshot in the cache: models--ORG--NAME/snapshots/COMMIT.
+    if "models--" + recorded.split("@", 1)[0].replace("/", "--") in base.path.parts:
+        return
     key = "base_model_name_or_path" if s.format == "peft" else "model"
     report.warning(
         f"{CONFIG_FILE}: {key}",

@@ -46,7 +46,7 @@ def pull(
 
 
 def _narrate_plan(plan: PullPlan) -> None:
-    what = f"{len(plan.files)} files, {format_bytes(plan.total_bytes)}"
+    what = f"{len(plan.files)} file{'' if len(plan.files) == 1 else 's'}, {format_bytes(plan.total_bytes)}"
     if plan.cached_bytes:
         what += f", {format_bytes(plan.cached_bytes)} of it already here"
     out.info(f"Pulling {plan.repo_id} at {plan.commit[:12]}: {what}")
@@ -60,7 +60,10 @@ def _narrate_plan(plan: PullPlan) -> None:
 def _describe(result: PullResult) -> str:
     d = result.details
     if result.kind == "adapter":
-        parts = [f"{d.get('format')} {str(d.get('fine_tune_type') or '').upper()} adapter".replace("  ", " ")]
+        from mlxman.adapters.formats import FORMAT_NAMES
+
+        kind = f"{FORMAT_NAMES.get(str(d.get('format')), d.get('format'))} {d.get('fine_tune_type') or ''}"
+        parts = [f"{kind.strip().replace('lora', 'LoRA').replace('dora', 'DoRA')} adapter"]
         if d.get("checked_against"):
             parts.append(f"fits {d.get('base_model')}")
     else:

@@ -562,7 +562,7 @@ def _check_adapter(plan: PullPlan, path: Path) -> tuple[dict[str, Any], list[str
     report = validate_adapter(path, base_path)
     if not report.ok:
         raise AdapterError(report.summary())
-    warnings = [f.line() for f in report.warnings]
+    warnings = [f"{f.where}: {f.message}" + (f" ({f.hint})" if f.hint else "") for f in report.warnings]
     if isinstance(base, str) and base_path is None:
         hint = f"; pull it with `mlxman pull {base}`" if _is_repo_id(base) else ""
         warnings.append(f"its base model {base} is not on this machine, so the fit was not checked{hint}")
