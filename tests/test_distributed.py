@@ -376,3 +376,65 @@ def test_serve_hosts_answers_with_adapters_and_survives_a_killed_rank(
         again = server.post("/v1/completions", {"model": endless, "prompt": "hi", "max_tokens": 4})
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
         assert server.get("/health").json()["status"] == "ok"
+
+
+# --- logits: the split LoRA math itself --------------------------------------------------------------------
+
+RANK_SCRIPT = """
+import sys
+import mlx.core as mx
+import numpy as np
+from pathlib import Path
+from mlxman.distributed.adapters import swap_sharded
+from mlxman.distributed.sharding import load_lazy, materialize, shard_model
+from mlxman.pool.swap import read_adapter
+
+model_dir, adapter_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+group = mx.distributed.init(strict=True)
+tokens = mx.array([[1, 5, 9, 22, 40, 7, 3]])
+for mode in ("pipeline", "tensor"):
+    model, _ = load_lazy(model_dir)
+    plan = shard_model(model, group, mode)
+    materialize(model)
+    swap_sharded(model, None, read_adapter(adapter_dir), plan)
+    logits = model(tokens)
+    mx.eval(logits)
+    if group.rank() == 0:
+        np.save(out / f"{mode}.npy", np.array(logits[0]))
+"""
+
+
+def test_sharded_logits_with_an_adapter_match_one_process(demo_kit: DemoKit, tmp_path: Path) -> None:
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    from mlxman.distributed.launch import _free_port, mlx_launch_path
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    colors = demo_kit.adapters["colors"]
+    cmd = [mlx_launch_path(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2"]
+    cmd += ["--starting-port", str(_free_port(2)), "--python", sys.executable]
+    cmd += [str(script), str(demo_kit.model), str(colors), str(tmp_path)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=RUN_LIMIT, env=_env(), stdin=subprocess.PIPE
+    )
+    assert done.returncode == 0, done.stderr
+    model, _ = load(str(demo_kit.model), adapter_path=str(colors))
+    want = np.array(model(mx.array([[1, 5, 9, 22, 40, 7, 3]]))[0])
+    # Pipeline stages run the same operations in the same order; tensor shards sum partial products.
+    assert np.array_equal(np.load(tmp_path / "pipeline.npy"), want)
+    np.testing.assert_allclose(np.load(tmp_path / "tensor.npy"), want, rtol=0, atol=1e-4)
+    # The adapter moves the logits far more than that tolerance: it was applied, on every split linear.
+    base, _ = load(str(demo_kit.model))
+    assert np.abs(np.array(base(mx.array([[1, 5, 9, 22, 40, 7, 3]]))[0]) - want).max() > 0.1
+
+
+def test_ranks_that_do_not_join_in_time_end_the_run(demo_kit: DemoKit, hosts: Path) -> None:
+    done = _run(
+        "generate", "--hosts", str(hosts), "-m", str(demo_kit.model), "-p", "hi", "--rank-timeout", "0.05"
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "within 0.05 s" in last
