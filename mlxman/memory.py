@@ -87,6 +87,16 @@ def system_memory() -> SystemMemory:
     return SystemMemory(total=int(vm.total), available=int(vm.available), used=int(vm.total - vm.available))
 
 
+def total_memory() -> int:
+    """The machine's RAM in bytes, as psutil reports it, from sysconf where there is one: a command that needs
+    only the total (``mlxman ls``) skips importing psutil."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return system_memory().total
+    return pages * page_size if pages > 0 and page_size > 0 else system_memory().total
+
+
 @dataclass(frozen=True)
 class Budget:
     """The byte limit a pool works under, and where it came from."""

@@ -78,3 +78,9 @@ def test_budget_precedence(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as info:
         resolve_budget(None, Config(tmp_path, True, {"memory_limit": "much"}), GiB, {})
     assert "config file" in info.value.message
+
+
+def test_total_memory_is_psutils() -> None:
+    from mlxman.memory import system_memory, total_memory
+
+    assert total_memory() == system_memory().total

@@ -156,9 +156,9 @@ def scan(
     config = load_config()
     problems: list[str] = []
     if budget_bytes is None:
-        from mlxman.memory import resolve_budget, system_memory
+        from mlxman.memory import resolve_budget, total_memory
 
-        budget = resolve_budget(memory_limit, config, system_memory().total)
+        budget = resolve_budget(memory_limit, config, total_memory())
         budget_bytes, budget_source = budget.limit_bytes, budget.source
     else:
         budget_source = "given"
