@@ -10,7 +10,8 @@ Emulated (as the Hub answers them, per huggingface_hub's own client code):
   (206 and ``Content-Range``).
 - Errors with the Hub's ``X-Error-Code`` headers: an unknown repo is 401 ``RepoNotFound`` (what the Hub
   tells an anonymous client), an unknown revision 404 ``RevisionNotFound``, a missing file 404
-  ``EntryNotFound``, and a gated repo's files 401 ``GatedRepo`` (its metadata stays readable, as on the Hub).
+  ``EntryNotFound``, a gated repo's files 401 or 403 ``GatedRepo`` (its metadata stays readable, as on the
+  Hub), and a bare 403 for a repo the test forbids.
 - Faults a test asks for: a connection dropped partway through a file (once), a file that stalls halfway
   until released (to interrupt the client mid-file), or a file served short (a whole response, half the
   size the metadata announced).
@@ -43,6 +44,9 @@ class HubRepo:
     repo_id: str
     files: dict[str, bytes]
     gated: bool = False
+    # What a gated repo's files answer: 401 to an anonymous client, 403 to a token without access.
+    gated_status: int = 401
+    forbidden: bool = False  # every call answers a bare 403 (no error code), as a proxy or a disabled repo
     branches: dict[str, str] = field(default_factory=dict)  # extra branch or tag -> commit (main is added)
 
     @property
@@ -180,6 +184,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.owner.repos.get(repo_id)
         if repo is None:
             self._error(401, "RepoNotFound", "Repository not found", body)
+        elif repo.forbidden:
+            self._error(403, None, "Forbidden", body)
+            return None
         return repo
 
     def _api(self, repo_id: str, what: str | None, rev: str, body: bool) -> None:
@@ -224,7 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", "Invalid rev id", body)
         if repo.gated:
             return self._error(
-                401, "GatedRepo", f"Access to model {repo_id} is restricted. Please log in.", body, commit
+                repo.gated_status, "GatedRepo", f"Access to model {repo_id} is restricted.", body, commit
             )
         data = repo.files.get(name)
         if data is None:

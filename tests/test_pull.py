@@ -34,6 +34,8 @@ MODEL = "org/tiny-llama"
 ADAPTER = "org/tiny-adapter"
 TORCH = "org/torch-only"
 GATED = "org/gated-llama"
+GATED_403 = "org/gated-for-this-token"
+FORBIDDEN = "org/forbidden"
 BIG = "org/big-shard"
 EMBEDDER = "org/tiny-embedder"
 VISION = "org/tiny-vision"
@@ -81,11 +83,13 @@ def repos(demo_kit: DemoKit) -> list[HubRepo]:
     config = (demo_kit.model / "config.json").read_bytes()
     torch = HubRepo(TORCH, {"config.json": config, "pytorch_model.bin": b"\x80" * 4096, **NOT_FETCHED})
     gated = HubRepo(GATED, dict(model.files), gated=True)
+    gated_403 = HubRepo(GATED_403, dict(model.files), gated=True, gated_status=403)
+    forbidden = HubRepo(FORBIDDEN, dict(model.files), forbidden=True)
     big = HubRepo(BIG, {"config.json": config, "model.safetensors": _safetensors(BIG_BYTES)})
     embedder = HubRepo.from_folder(EMBEDDER, demo_kit.embeddings_model, NOT_FETCHED)
     vision = HubRepo.from_folder(VISION, demo_kit.vision_model, NOT_FETCHED)
     broken = HubRepo(BROKEN, {"config.json": config, "model.safetensors": struct.pack("<Q", 10**6) + b"{}"})
-    return [model, adapter, torch, gated, big, embedder, vision, broken]
+    return [model, adapter, torch, gated, gated_403, forbidden, big, embedder, vision, broken]
 
 
 @pytest.fixture
@@ -253,10 +257,16 @@ def test_a_missing_repo_or_revision_is_a_clear_error(hub: LocalHub, hf_home: Pat
     assert not (hf_home / "hub" / "models--org--no-such-model" / "snapshots").exists()
 
 
-def test_a_gated_repo_says_how_to_get_access(hub: LocalHub, hf_home: Path) -> None:
-    proc = mlxman(hub, hf_home, "pull", GATED)
-    assert_clean_error(proc, 1, f"{GATED} is gated", "hf auth login", f"https://huggingface.co/{GATED}")
+@pytest.mark.parametrize("repo_id", [GATED, GATED_403])
+def test_a_gated_repo_says_how_to_get_access(hub: LocalHub, hf_home: Path, repo_id: str) -> None:
+    proc = mlxman(hub, hf_home, "pull", repo_id)
+    assert_clean_error(proc, 1, f"{repo_id} is gated", "hf auth login", f"https://huggingface.co/{repo_id}")
     assert not [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
+
+
+def test_a_forbidden_repo_says_the_hub_refused(hub: LocalHub, hf_home: Path) -> None:
+    proc = mlxman(hub, hf_home, "pull", FORBIDDEN)
+    assert_clean_error(proc, 1, f"The Hub refused access to {FORBIDDEN} (HTTP 403)", "hf auth login")
 
 
 def test_a_pytorch_only_repo_is_refused_before_any_download(hub: LocalHub, hf_home: Path) -> None:

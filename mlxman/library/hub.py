@@ -285,7 +285,8 @@ def fetch(
         try:
             for i, item in enumerate(plan.files):
                 watcher.at(done, f"{item.name} ({i + 1}/{len(plan.files)})")
-                with hub_errors(spec), _disk_errors(plan, item, root):
+                # huggingface_hub's HTTP errors are OSErrors too: name them first, then the disk's.
+                with _disk_errors(plan, item, root), hub_errors(spec):
                     local = hf_hub_download(
                         plan.repo_id, item.name, revision=plan.commit, cache_dir=cache, endpoint=endpoint
                     )
