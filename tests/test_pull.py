@@ -555,3 +555,21 @@ def test_a_repo_whose_files_do_not_check_out_is_not_recorded(hub: LocalHub, hf_h
     )
     assert not (repo_folder(hf_home, BROKEN) / "refs" / "main").exists()
     assert mlxman(hub, hf_home, "rm", BROKEN, "--yes").returncode == 0
+
+
+def test_pull_and_rm_load_nothing_heavy(hub: LocalHub, hf_home: Path) -> None:
+    """The check before done reads JSON and headers: no mlx-lm, transformers or even MLX is imported."""
+    code = (
+        "import sys\n"
+        "from mlxman.cli.app import app\n"
+        f"for args in (['pull', {MODEL!r}], ['pull', {ADAPTER!r}], ['rm', {ADAPTER!r}, '--yes']):\n"
+        "    try:\n        app(args, prog_name='mlxman')\n    except SystemExit as exc:\n"
+        "        assert not exc.code, exc.code\n"
+        "heavy = ('mlx_lm', 'mlx_vlm', 'mlx_embeddings', 'transformers', 'mlx.core')\n"
+        "print([m for m in heavy if m in sys.modules], file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(hub, hf_home)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
