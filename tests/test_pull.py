@@ -4,13 +4,16 @@ The Hub here is tests/hub_server.py, a real HTTP server in the test process that
 because huggingface_hub reads HF_ENDPOINT when it is imported) reaches through HF_ENDPOINT. It speaks what
 huggingface_hub's downloads call: model info with file sizes, HEAD and GET on ``/resolve`` with the Hub's
 headers, LFS weights behind a redirect to a "CDN" host with Range support, and the Hub's error codes for a
-missing repo or revision and a gated repo. It can drop a connection halfway through a file once, or stall
-a file until released. It does not emulate tokens, Xet storage, pagination, rate limits or compression:
-a pull here always takes huggingface_hub's plain HTTP path.
+missing repo or revision, a gated repo (401 and 403) and a bare 403. It can drop a connection partway
+through a file once, stall a file until released, or serve a file shorter than announced. It does not
+emulate tokens, Xet storage, pagination, rate limits or compression: a pull here always takes
+huggingface_hub's plain HTTP path. A full disk is emulated by the one reading from outside the machine's
+control (the free space, in process); a file system's size limit by RLIMIT_FSIZE on the child.
 
-The repos are built from the demo kit: its tiny llama model, one of its adapters (recording the model's
-repo id as its base), a PyTorch-only repo, a gated copy of the model, and a model with a shard larger than
-huggingface_hub's 10 MiB download chunk (a resume inside a file starts at a chunk boundary).
+The repos are built from the demo kit: its tiny llama, embeddings and vision models, one of its adapters
+(recording the model's repo id as its base), a PyTorch-only repo, gated copies of the model, a repo with a
+broken safetensors header, and a model with a shard larger than huggingface_hub's 10 MiB download chunk (a
+resume inside a file starts at a chunk boundary).
 """
 
 from __future__ import annotations
