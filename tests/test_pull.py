@@ -473,9 +473,15 @@ def test_rm_of_one_revision_keeps_the_blobs_another_revision_shares(
         assert mlxman(server, hf_home, "pull", MODEL).returncode == 0
         old = repo.sha
         config = json.loads(repo.files["config.json"])
-        repo.files["config.json"] = json.dumps({**config, "note": "a new commit"}).encode()
-        assert repo.sha != old
+        for note in range(1000):  # a new commit whose hash starts as the old one's, for an ambiguous prefix
+            repo.files["config.json"] = json.dumps({**config, "note": note}).encode()
+            if repo.sha[0] == old[0] and repo.sha != old:
+                break
         assert mlxman(server, hf_home, "pull", MODEL).returncode == 0
+        ambiguous = mlxman(server, hf_home, "rm", f"{MODEL}@{old[0]}", "--yes")
+        assert_clean_error(
+            ambiguous, 2, f"'{old[0]}' is the start of 2 cached commits", "more of the commit hash"
+        )
         proc = mlxman(server, hf_home, "rm", f"{MODEL}@{old[:10]}", "--yes", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

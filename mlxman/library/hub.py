@@ -697,6 +697,12 @@ def plan_removal(name: str, cache: Path | None = None) -> Removal:
     ]
     if not revisions:
         raise missing
+    named = spec.revision is None or any(spec.revision in r.refs for r in revisions)
+    if len(revisions) > 1 and not named:
+        raise UsageError(
+            f"{spec.revision!r} is the start of {len(revisions)} cached commits of {spec.repo_id}",
+            "give more of the commit hash (`mlxman ls` shows the cached revisions)",
+        )
     strategy = info.delete_revisions(*(r.commit_hash for r in revisions))
     return Removal(
         repo_id=repo.repo_id,
