@@ -164,16 +164,22 @@ def test_each_share_is_checked_against_its_own_machine() -> None:
 # --- 2 ranks on loopback -----------------------------------------------------------------------------------
 
 
-def _single(demo_kit: DemoKit, adapters: list[str]) -> list[str]:
-    args = ["-m", str(demo_kit.model), "-p", "hello", "--max-tokens", "16"]
-    for a in adapters:
+@pytest.fixture(scope="module")
+def one_process(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What one process answers to the tests' prompt, per adapter ("none": the base), in one run."""
+    names = ["none", *(str(demo_kit.adapters[n]) for n in ("colors", "numbers", "animals"))]
+    args = ["generate", "-m", str(demo_kit.model), "-p", "hello", "--max-tokens", "16", "--json"]
+    for a in names:
         args += ["-a", a]
-    return [a["text"] for a in _answers(*args)]
+    env = {**_env(), "MLXMAN_HOME": str(tmp_path_factory.mktemp("one-process-home"))}
+    done = subprocess.run([*MLXMAN, *args], capture_output=True, text=True, timeout=RUN_LIMIT, env=env)
+    assert done.returncode == 0, done.stderr
+    return {name: a["text"] for name, a in zip(names, json.loads(done.stdout), strict=True)}
 
 
 @pytest.mark.parametrize("shard", ["pipeline", "tensor"])
 def test_sharded_greedy_tokens_equal_one_process_with_adapter_swaps(
-    demo_kit: DemoKit, hosts: Path, shard: str
+    demo_kit: DemoKit, hosts: Path, shard: str, one_process: dict[str, str]
 ) -> None:
     adapters = ["none", str(demo_kit.adapters["colors"]), str(demo_kit.adapters["numbers"])]
     if shard == "pipeline":
@@ -193,7 +199,7 @@ def test_sharded_greedy_tokens_equal_one_process_with_adapter_swaps(
     for a in adapters:
         args += ["-a", a]
     sharded = _answers(*args)
-    assert [a["text"] for a in sharded] == _single(demo_kit, adapters)
+    assert [a["text"] for a in sharded] == [one_process[a] for a in adapters]
     assert [a["swap"] for a in sharded][:3] == [
         "none",
         "structural",
@@ -310,7 +316,7 @@ def test_a_rank_killed_mid_generation_ends_the_run_with_a_clear_error(
 
 
 def test_serve_hosts_answers_with_adapters_and_survives_a_killed_rank(
-    demo_kit: DemoKit, endless_model: Path, hosts: Path, tmp_path: Path
+    demo_kit: DemoKit, endless_model: Path, hosts: Path, tmp_path: Path, one_process: dict[str, str]
 ) -> None:
     base, colors = str(demo_kit.model), str(demo_kit.adapters["colors"])
     endless = str(endless_model)
@@ -331,12 +337,11 @@ def test_serve_hosts_answers_with_adapters_and_survives_a_killed_rank(
         chat = server.openai().chat.completions.create(
             model=f"{base}::colors", messages=[{"role": "user", "content": "hello"}], max_tokens=16
         )
-        want = _single(demo_kit, [colors])[0]
-        assert chat.choices[0].message.content == want
+        assert chat.choices[0].message.content == one_process[colors]
         streamed = server.openai().chat.completions.create(
             model=base, messages=[{"role": "user", "content": "hello"}], max_tokens=16, stream=True
         )
-        assert "".join(c.choices[0].delta.content or "" for c in streamed) == _single(demo_kit, ["none"])[0]
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == one_process["none"]
         # `pool status` and `status` show a row per rank: host, weights, KV, adapter, MLX active memory.
         for command in (["pool", "status"], ["status"]):
             shown = _run(*command, "--host", server.host)
