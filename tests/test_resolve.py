@@ -52,6 +52,8 @@ def test_cached_hub_id_and_its_pool_id(tmp_path: Path, monkeypatch: pytest.Monke
         ("", ModelError, "No model given"),
         ("./missing-dir", NotFoundError, "does not exist"),
         ("org/not-cached", NotFoundError, "mlxman pull org/not-cached"),
+        # A bare word is most likely a name: the hint names where names and models are listed.
+        ("pirate", NotFoundError, "mlxman alias ls"),
     ],
 )
 def test_errors(spec: str, error: type[Exception], needle: str) -> None:

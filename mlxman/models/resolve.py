@@ -64,6 +64,11 @@ def _resolve_spec(spec: str, revision: str | None) -> ResolvedModel:
         # The pool's own ids for cached Hub models are ``repo@revision``: accept them back.
         spec, revision = spec.split("@", 1)
     if not looks_like_repo_id(spec):
+        if "/" not in spec and "\\" not in spec:  # a bare word: most likely a name the user meant
+            raise NotFoundError(
+                f"No name, model folder or Hugging Face id {spec!r}",
+                "see `mlxman alias ls` and `mlxman ls`, or pass a folder or a Hugging Face id (org/name)",
+            )
         raise NotFoundError(
             f"Model path {spec} does not exist", "check the path, or pass a Hugging Face id (org/name)"
         )
