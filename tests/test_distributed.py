@@ -443,3 +443,49 @@ def test_ranks_that_do_not_join_in_time_end_the_run(demo_kit: DemoKit, hosts: Pa
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "within 0.05 s" in last
+
+
+VERSION_SCRIPT = """
+import os
+import mlxman
+from mlxman.distributed import rank
+
+# Rank 1 stands for a machine where another mlxman is installed.
+if os.environ.get("MLX_RANK") == "1":
+    mlxman.__version__ = "0.0.1-other"
+rank.main()
+"""
+
+
+def test_ranks_with_different_mlxman_versions_stop_with_both_named(demo_kit: DemoKit, tmp_path: Path) -> None:
+    import mlxman
+    from mlxman.distributed import protocol
+    from mlxman.distributed.launch import _free_port, mlx_launch_path
+
+    script = tmp_path / "rank.py"
+    script.write_text(VERSION_SCRIPT)
+    spec = {
+        "hosts": ["127.0.0.1", "127.0.0.1"],
+        "host_limits": [None, None],
+        "backend": "ring",
+        "model": str(demo_kit.model),
+        "adapters": [None],
+        "mode": "pipeline",
+        "context_tokens": 256,
+        "memory_limit": None,
+    }
+    cmd = [mlx_launch_path(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2"]
+    cmd += ["--starting-port", str(_free_port(2)), "--python", sys.executable, str(script)]
+    cmd.append(protocol.encode_spec(spec))
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=RUN_LIMIT, env=_env(), stdin=subprocess.PIPE
+    )
+    events = [e for line in done.stdout.splitlines() if (e := protocol.parse_event(line))]
+    errors = [e for e in events if e["event"] == protocol.ERROR]
+    assert len(errors) == 1 and errors[0]["rank"] == 0  # rank 0 reports what every rank found
+    message = errors[0]["message"]
+    assert (
+        "rank 1 (127.0.0.1) has mlxman 0.0.1-other" in message
+        and f"rank 0 (127.0.0.1) has mlxman {mlxman.__version__}" in message
+    )
+    assert not [e for e in events if e["event"] in (protocol.SHARES, protocol.LOADED)]  # nothing was loaded
