@@ -125,13 +125,18 @@ def _wrap(module: Any, path: str, adapter: AdapterWeights) -> Any:
                 f"Adapter {adapter.path} is DoRA, which cannot be split over tensor-parallel ranks ({path})",
                 "use --shard pipeline (each rank keeps whole blocks), or a LoRA adapter",
             )
+        # This rank's (output, input) from its weight: the share lora_b (output split) or lora_a (input
+        # split) must have. A quantized weight packs 32 // bits inputs in each uint32.
+        out_dims, in_dims = module.weight.shape
+        if hasattr(module, "bits"):
+            in_dims = in_dims * 32 // module.bits
         if isinstance(module, sharded_out):
-            return LoRALinear.from_base(module, **args)
-        if _SHARDED_INPUT is None:
-            _SHARDED_INPUT = _sharded_lora_class()
-        # from_base reads (output, input) from the weight: the input is this rank's share, as lora_a must be.
-        lora = LoRALinear.from_base(module, **args)
-        lora.__class__ = _SHARDED_INPUT  # from_base is a static method that builds a plain LoRALinear
+            lora = LoRALinear(in_dims, out_dims, **args)
+        else:
+            if _SHARDED_INPUT is None:
+                _SHARDED_INPUT = _sharded_lora_class()
+            lora = _SHARDED_INPUT(in_dims, out_dims, **args)
+        lora.linear = module
         return lora
     if not dora and hasattr(module, "to_lora"):
         return module.to_lora(**args)
