@@ -489,3 +489,28 @@ def test_ranks_with_different_mlxman_versions_stop_with_both_named(demo_kit: Dem
         and f"rank 0 (127.0.0.1) has mlxman {mlxman.__version__}" in message
     )
     assert not [e for e in events if e["event"] in (protocol.SHARES, protocol.LOADED)]  # nothing was loaded
+
+
+@pytest.fixture(scope="module")
+def four_bit_model(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model in 4 bits, groups of 32 (each rank's half of a 64-wide input is one group or more)."""
+    import contextlib
+    import io
+
+    from mlx_lm.convert import convert
+
+    out = tmp_path_factory.mktemp("four-bit") / "model"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(demo_kit.model), str(out), quantize=True, q_bits=4, q_group_size=32)
+    return out
+
+
+def test_tensor_parallel_lora_on_a_quantized_base(
+    demo_kit: DemoKit, hosts: Path, four_bit_model: Path
+) -> None:
+    colors = str(demo_kit.adapters["colors"])
+    common = ["-m", str(four_bit_model), "-a", "none", "-a", colors, "-p", "hello", "--max-tokens", "16"]
+    one = [a["text"] for a in _answers(*common)]
+    sharded = _answers("--hosts", str(hosts), "--shard", "tensor", *common)
+    assert [a["text"] for a in sharded] == one
+    assert one[1] != one[0]  # the adapter changes the answer on the 4-bit base too
