@@ -514,3 +514,62 @@ def test_tensor_parallel_lora_on_a_quantized_base(
     sharded = _answers("--hosts", str(hosts), "--shard", "tensor", *common)
     assert [a["text"] for a in sharded] == one
     assert one[1] != one[0]  # the adapter changes the answer on the 4-bit base too
+
+
+@pytest.fixture(scope="module")
+def qwen2_model(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny qwen2 (mlx-lm's own pipeline stages) with 3 blocks, and a LoRA on its last 2 blocks only."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+
+    root = tmp_path_factory.mktemp("qwen2")
+    model_dir, adapter_dir = root / "model", root / "adapter"
+    model_dir.mkdir()
+    adapter_dir.mkdir()
+    config = json.loads((demo_kit.model / "config.json").read_text())
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=3)
+    mx.random.seed(7)
+    weights = dict(tree_flatten(qwen2.Model(qwen2.ModelArgs.from_dict(config)).parameters()))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 8  # random heads are near flat otherwise
+    mx.save_safetensors(str(model_dir / "model.safetensors"), weights)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    for f in demo_kit.model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model_dir / f.name)
+    hidden, kv = config["hidden_size"], config["num_key_value_heads"] * 16
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.v_proj": (hidden, kv),
+        "mlp.down_proj": (128, hidden),
+    }
+    lora = {}
+    for layer in (1, 2):
+        for name, (d_in, d_out) in shapes.items():
+            lora[f"model.layers.{layer}.{name}.lora_a"] = mx.random.normal((d_in, 4)) * 0.2
+            lora[f"model.layers.{layer}.{name}.lora_b"] = mx.random.normal((4, d_out)) * 0.2
+    mx.save_safetensors(str(adapter_dir / "adapters.safetensors"), lora)
+    adapter_config = {
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": list(shapes)},
+    }
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return model_dir, adapter_dir
+
+
+@pytest.mark.parametrize("shard", ["pipeline", "tensor"])
+def test_mlx_lm_pipeline_model_with_an_adapter_on_its_last_blocks(
+    qwen2_model: tuple[Path, Path], hosts: Path, shard: str
+) -> None:
+    model, adapter = qwen2_model
+    common = ["-m", str(model), "-a", "none", "-a", str(adapter), "-p", "hello", "--max-tokens", "12"]
+    sharded = _answers("--hosts", str(hosts), "--shard", shard, *common)
+    one = [a["text"] for a in _answers(*common)]
+    assert [a["text"] for a in sharded] == one and one[0] != one[1]
+    held = [r["adapter_bytes"] for r in sharded[1]["ranks"]]
+    if shard == "pipeline":
+        # 3 blocks: rank 0 runs blocks 1-2 (all the adapter), rank 1 block 0 (none of it).
+        assert held[0] == sum(r["adapter_bytes"] for r in sharded[1]["ranks"]) > 0 and held[1] == 0
