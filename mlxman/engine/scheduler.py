@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlxman.engine.batching import Batch, cannot_batch
+from mlxman.engine.layout import column_major_linears
 from mlxman.engine.prefix import DEFAULT_PREFIX_CACHE_BYTES, PREFIX_CACHE_SHARE, PrefixCache
 from mlxman.engine.rows import OnEvent, Row, Submission, Ticket
 from mlxman.engine.slots import NO_ADAPTER, SlotBank
@@ -284,6 +285,8 @@ class Engine:
 
     def _loop(self) -> None:
         try:
+            # On the CPU the matmuls run 2x faster with the weights laid out column-major (layout.py).
+            column_major_linears(self.model)
             self._batch = self._new_batch()
         except BaseException as exc:
             self._startup_error = exc
