@@ -25,7 +25,8 @@ def load(demo_kit: DemoKit) -> Any:
 
 
 def linears(model: Any) -> dict[str, mx.array]:
-    return {name: m.weight for name, m in model.named_modules() if type(m) is nn.Linear}
+    """The weights the layout re-lays: float linears and embeddings."""
+    return {name: m.weight for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
 
 
 def test_relaid_linears_give_bit_identical_logits_in_decode_and_prefill_shapes(demo_kit: DemoKit) -> None:
@@ -61,11 +62,28 @@ def test_relaying_twice_or_with_adapter_slots_changes_nothing(demo_kit: DemoKit)
     assert mx.array_equal(model(tokens), want)
 
 
-def test_half_precision_and_quantized_linears_are_left_as_loaded(demo_kit: DemoKit) -> None:
+def test_half_precision_and_quantized_weights_are_left_as_loaded(demo_kit: DemoKit) -> None:
     half = load(demo_kit)
     half.set_dtype(mx.float16)
     assert column_major_linears(half) == 0
     quantized = load(demo_kit)
     nn.quantize(quantized, group_size=32, bits=4)
-    # Only a float32 Linear left unquantized (if any) would be re-laid; quantized ones never are.
-    assert column_major_linears(quantized) == sum(type(m) is nn.Linear for _, m in quantized.named_modules())
+    tokens = mx.array([[5, 9, 41, 7]])
+    want = quantized(tokens)
+    mx.eval(want)
+    # Only float32 Linear or Embedding layers left unquantized (none, here) are re-laid.
+    assert column_major_linears(quantized) == len(linears(quantized)) == 0
+    assert mx.array_equal(quantized(tokens), want)
+
+
+def test_a_tied_output_projection_reads_the_same_table(demo_kit: DemoKit) -> None:
+    """Models with tied embeddings multiply by the embedding table for their logits (``as_linear``)."""
+    model = load(demo_kit)
+    embedding = model.model.embed_tokens
+    ids = mx.array([[3, 99, 7, 400]])
+    hidden = mx.random.normal((8, 3, embedding.weight.shape[1]))
+    rows, logits = embedding(ids), embedding.as_linear(hidden)
+    mx.eval(rows, logits)
+    column_major_linears(model)
+    assert mx.array_equal(embedding(ids), rows)
+    assert mx.array_equal(embedding.as_linear(hidden), logits)
