@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -353,6 +355,17 @@ def test_serve_hosts_answers_with_adapters_and_survives_a_killed_rank(
         assert missing.status_code == 404 and "was not loaded" in missing.json()["error"]["message"]
 
     with running_server(tmp_path, "--hosts", str(hosts), "--preload", endless) as server:
+        # A client that leaves a stream cancels its request on every rank: the ranks are free for the next.
+        body = {"model": endless, "prompt": "hi", "max_tokens": 3000, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=RUN_LIMIT) as stream:
+            chunks = 0
+            for line in stream.iter_lines():
+                chunks += line.startswith("data:")
+                if chunks == 3:
+                    break
+        after = server.post("/v1/completions", {"model": endless, "prompt": "hi", "max_tokens": 2})
+        assert after.status_code == 200
+        assert re.search(r"cmpl-\w+: \d+ tokens, cancelled", server.log_text())
         ranks = [
             p
             for p in psutil.Process(server.process.pid).children(recursive=True)

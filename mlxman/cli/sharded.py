@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from mlxman.answers import Answer
 from mlxman.errors import UsageError
 from mlxman.generate import GenerationRequest, GenerationStats
@@ -184,4 +186,5 @@ def serve_sharded_cli(
     )
     if not is_loopback(host) and not api_key:
         out.warn(f"Serving on {host} without an API key: anyone who can reach this port can use the model")
-    serve_sharded(ShardedService(job, model), host, port, api_key, lambda m: out.info(f"[muted]{m}[/muted]"))
+    narrate = lambda m: out.info(f"[muted]{escape(m)}[/muted]")  # noqa: E731
+    serve_sharded(ShardedService(job, model, narrate=narrate), host, port, api_key, narrate)

@@ -234,6 +234,7 @@ class RankGroup:
         self.open_streams = 0
         self.down: MlxmanError | None = None
         self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
 
     @property
     def up(self) -> bool:
@@ -258,14 +259,24 @@ class RankGroup:
         self._until(ev.READY, on_event, starting=True)
 
     def ask(
-        self, adapter: str | None, request: dict[str, Any], on_event: Callable[[dict[str, Any]], None]
+        self,
+        adapter: str | None,
+        request: dict[str, Any],
+        on_event: Callable[[dict[str, Any]], None],
+        request_id: str = "",
     ) -> None:
         """Run one generation on every rank; rank 0's events go to ``on_event`` until its answer ends."""
         with self.lock:
             if not self.up:
                 raise self.down or DistributedError("The ranks are not running", "start them again")
-            self._write(ev.request_lines({"adapter": adapter, "request": request}))
+            self._write(ev.request_lines({"id": request_id, "adapter": adapter, "request": request}))
             self._until(ev.ANSWER_END, on_event, starting=False)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the ranks to stop that request at their next agreed check; its answer ends "cancelled"."""
+        if self.up:
+            with contextlib.suppress(MlxmanError):
+                self._write(ev.request_lines({"cancel": True, "id": request_id}))
 
     def close(self) -> None:
         """Ask the ranks to leave; whatever has not left in time is killed."""
@@ -280,8 +291,9 @@ class RankGroup:
     def _write(self, text: str) -> None:
         assert self.proc is not None and self.proc.stdin is not None
         try:
-            self.proc.stdin.write(text.encode())
-            self.proc.stdin.flush()
+            with self.write_lock:
+                self.proc.stdin.write(text.encode())
+                self.proc.stdin.flush()
         except OSError:
             self._fail(DistributedError("The ranks are gone", "start them again"))
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +25,8 @@ from mlxman.settings import debug_enabled
 
 # Bytes each rank's version line takes in the exchange.
 VERSION_BYTES = 128
+# Tokens (and prompt chunks) between two checks whether a request was cancelled: one sum over the ranks each.
+CANCEL_CHECK_EVERY = 8
 
 
 class Agreed(Exception):
@@ -61,6 +65,55 @@ def _broadcast_ints(group: Any, values: list[int] | None, rank: int) -> list[int
     local = mx.array(values if rank == 0 and values else [0] * n, dtype=mx.int64)
     summed: Any = mx.distributed.all_sum(local, group=group, stream=mx.cpu).tolist()
     return [int(v) for v in summed]
+
+
+class _Inbox:
+    """Requests from stdin, read on a thread of their own so that a cancel arrives while a request runs.
+
+    Every rank reads the same lines (mlx.launch copies the launcher's stdin to all of them), though not at
+    the same moment: a cancel only marks its request; the ranks agree on when to stop (``_agreed_stop``).
+    """
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.cancelled: set[str] = set()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        reader = ev.RequestReader()
+        for line in sys.stdin:
+            message = reader.feed(line)
+            if message is None:
+                continue
+            if message.get("cancel"):
+                self.cancelled.add(str(message.get("id", "")))
+            else:
+                self.messages.put(message)
+        self.messages.put({"quit": True})  # the launcher is gone
+
+    def next(self) -> dict[str, Any]:
+        return self.messages.get()
+
+
+def _agreed_stop(group: Any, inbox: _Inbox, request_id: str, stream: Any) -> Any:
+    """A ``should_stop`` for a generation: every few tokens the ranks sum their "cancelled" marks and all stop
+    together at the same token (one rank stopping alone would leave the others waiting on it)."""
+    import mlx.core as mx
+
+    calls = 0
+
+    def should_stop() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls % CANCEL_CHECK_EVERY:
+            return False
+        # mlx-lm runs a step ahead on its own stream: its collectives end before this one starts.
+        mx.synchronize(stream)
+        mark = mx.array(1 if request_id in inbox.cancelled else 0)
+        total: Any = mx.distributed.all_sum(mark, group=group, stream=mx.cpu).item()
+        return bool(total > 0)
+
+    return should_stop
 
 
 def version_line() -> str:
@@ -181,14 +234,12 @@ def run(spec: dict[str, Any], rank: int) -> None:
         ev.emit(ev.READY)
 
     current = None
-    reader = ev.RequestReader()
-    # Every rank reads the same requests from its stdin (mlx.launch copies the launcher's to all of them).
-    for line in sys.stdin:
-        message = reader.feed(line)
-        if message is None:
-            continue
+    inbox = _Inbox()
+    while True:
+        message = inbox.next()
         if message.get("quit"):
             break
+        request_id = str(message.get("id", ""))
         adapter_path = message.get("adapter")
         if adapter_path not in adapters:
             raise DistributedError(f"Adapter {adapter_path} was not declared at start", "restart with it")
@@ -213,7 +264,9 @@ def run(spec: dict[str, Any], rank: int) -> None:
         del nxt  # the whole adapter: this rank keeps only its part
         if rank == 0:
             ev.emit(ev.ANSWER, adapter=adapter_path, swap=swapped.mode, swap_seconds=swapped.seconds)
-        generation = TextGeneration(model, tokenizer, tokens, request)
+        generation = TextGeneration(
+            model, tokenizer, tokens, request, _agreed_stop(group, inbox, request_id, generation_stream)
+        )
         for piece in generation:
             if rank == 0:
                 ev.emit(ev.TEXT, text=piece)

@@ -7,12 +7,12 @@ answering, says why the ranks are down (``/health``), and starts them again for 
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ class ShardedService:
     share_rows: list[dict[str, Any]] = field(default_factory=list)
     last_error: str | None = None
     in_use: int = 0
+    narrate: Callable[[str], None] = field(default=lambda _m: None)
     started: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,7 +98,9 @@ class ShardedService:
         elif event["event"] == "answer_end":
             self.last_rows = list(event["rows"])
 
-    def ask(self, adapter: str | None, request: dict[str, Any], on_text: Any) -> dict[str, Any]:
+    def ask(
+        self, adapter: str | None, request: dict[str, Any], on_text: Any, request_id: str = ""
+    ) -> dict[str, Any]:
         """Run one request on every rank; the stats of rank 0's answer."""
         done: dict[str, Any] = {}
 
@@ -114,14 +117,22 @@ class ShardedService:
                 self.start()
                 assert self.group is not None
                 try:
-                    self.group.ask(adapter, request, on_event)
+                    self.group.ask(adapter, request, on_event, request_id)
                 except MlxmanError as exc:
                     if not getattr(exc, "request_only", False):
                         self.last_error = str(exc)
+                    self.narrate(f"{request_id or 'request'}: {exc}")
                     raise
         finally:
             self.in_use -= 1
+        tokens, reason = done.get("generation_tokens"), done.get("finish_reason")
+        self.narrate(f"{request_id or 'request'}: {tokens} tokens, {reason}")
         return done
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request whose client left (the ranks agree on the token to stop at)."""
+        if self.group is not None:
+            self.group.cancel(request_id)
 
     def ranks(self) -> list[dict[str, Any]]:
         """A row per rank: host, weights (estimated and measured), KV, adapter, MLX active memory, budget."""
@@ -279,7 +290,7 @@ def create_sharded_app(service: ShardedService, api_key: str | None = None) -> F
         created = int(time.time())
         if not body.stream:
             pieces: list[str] = []
-            stats = service.ask(adapter, fields, pieces.append)
+            stats = service.ask(adapter, fields, pieces.append, rid)
             return _whole(rid, created, body.model, chat, "".join(pieces), stats)
         return StreamingResponse(
             _sse(service, adapter, fields, rid, created, body.model, chat), media_type="text/event-stream"
@@ -324,7 +335,7 @@ def _whole(
     }
 
 
-def _sse(
+async def _sse(
     service: ShardedService,
     adapter: str | None,
     fields: dict[str, Any],
@@ -332,15 +343,22 @@ def _sse(
     created: int,
     model: str,
     chat: bool,
-) -> Iterator[str]:
-    """Server-sent events of one request; the generation runs on its own thread, feeding a queue."""
-    items: queue.Queue[tuple[str, Any]] = queue.Queue()
+) -> AsyncIterator[str]:
+    """Server-sent events of one request; the generation runs on its own thread, feeding a queue.
+
+    A client that leaves cancels the request on every rank (at their next agreed check), freeing them.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(item: tuple[str, Any]) -> None:
+        loop.call_soon_threadsafe(items.put_nowait, item)
 
     def work() -> None:
         try:
-            items.put(("end", service.ask(adapter, fields, lambda t: items.put(("text", t)))))
+            put(("end", service.ask(adapter, fields, lambda t: put(("text", t)), rid)))
         except MlxmanError as exc:
-            items.put(("error", exc))
+            put(("error", exc))
 
     threading.Thread(target=work, daemon=True).start()
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -354,18 +372,25 @@ def _sse(
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
         return f"data: {json.dumps(body)}\n\n"
 
-    while True:
-        kind, value = items.get()
-        if kind == "text":
-            yield chunk(value, None)
-        elif kind == "end":
-            yield chunk("", _finish(value))
-            break
-        else:
-            exc: MlxmanError = value
-            yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
-            break
-    yield "data: [DONE]\n\n"
+    finished = False
+    try:
+        while True:
+            kind, value = await items.get()
+            if kind == "text":
+                yield chunk(value, None)
+            elif kind == "end":
+                finished = True
+                yield chunk("", _finish(value))
+                break
+            else:
+                finished = True
+                exc: MlxmanError = value
+                yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            service.cancel(rid)
 
 
 def serve_sharded(service: ShardedService, host: str, port: int, api_key: str | None, narrate: Any) -> None:
