@@ -544,7 +544,7 @@ def _attach(
             under.setdefault(index, []).append(adapter)
     named: dict[int, list[str]] = {}
     for name in names:
-        index = keys.get(_normal(name.model))
+        index = keys.get(normal_spec(name.model))
         if index is not None and name.adapter is None:
             named.setdefault(index, []).append(name.name)
     result = [
@@ -576,7 +576,7 @@ def _base_keys(adapter: AdapterEntry) -> list[str]:
     the adapter's own folder (mlx-lm records ``--model`` as it was typed)."""
     if not adapter.base:
         return []
-    keys = [_normal(adapter.base)]
+    keys = [normal_spec(adapter.base)]
     if not adapter.base.startswith(("/", "~")):
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             keys.append(str((Path(adapter.path).parent / adapter.base).resolve()))
@@ -584,15 +584,15 @@ def _base_keys(adapter: AdapterEntry) -> list[str]:
 
 
 def _model_keys(model: ModelEntry) -> Iterable[str]:
-    yield _normal(model.id)
+    yield normal_spec(model.id)
     if model.repo_id and model.source == HF_CACHE and "@" not in model.id:
-        yield _normal(model.repo_id)
+        yield normal_spec(model.repo_id)
     if model.path:
-        yield _normal(model.path)
+        yield normal_spec(model.path)
 
 
-def _normal(spec: str | None) -> str:
-    """A path resolved (so links and ``..`` agree), a Hugging Face id as it is."""
+def normal_spec(spec: str | None) -> str:
+    """A path resolved (so links and ``..`` agree), a Hugging Face id as it is: how keys spell a base."""
     if not spec:
         return ""
     if spec.startswith(("/", "~", ".")):

@@ -16,6 +16,7 @@ from typing import Any
 
 from mlxman.errors import MlxmanError
 from mlxman.library.aliases import load_aliases, names_by_key
+from mlxman.library.catalog import normal_spec
 from mlxman.pool.keys import SEPARATOR
 from mlxman.pool.views import EntryStatus
 from mlxman.server.security import PathPolicy
@@ -148,7 +149,7 @@ def _under_roots(policy: PathPolicy, kinds: dict[str, str]) -> _Found:
         bases.setdefault(model.path, (folder_key, kind))
         found.append((folder_key, kind, folder_key))
     for adapter in adapters:
-        base = bases.get(_normal(adapter.base)) if adapter.error is None else None
+        base = bases.get(normal_spec(adapter.base)) if adapter.error is None else None
         if base is None:
             continue
         spec = f"{base[0]}{SEPARATOR}{adapter.path}"
@@ -162,18 +163,6 @@ def _in_roots(policy: PathPolicy, path: str) -> bool:
     """A cheap first look (the policy checks again, fully): is ``path``, links followed, in a root?"""
     real = Path(os.path.realpath(path))
     return any(real.is_relative_to(root) for root in policy.roots)
-
-
-def _normal(spec: str | None) -> str:
-    """An adapter's recorded base as the keys spell it: a path resolved, a Hugging Face id as it is."""
-    if not spec:
-        return ""
-    if spec.startswith(("/", "~", ".")):
-        try:
-            return str(Path(spec).expanduser().resolve())
-        except (OSError, RuntimeError, ValueError):
-            return spec
-    return spec
 
 
 def _kind(path: Path) -> str | None:
