@@ -185,10 +185,9 @@ def run(spec: dict[str, Any], rank: int) -> None:
     for adapter_path in adapters:  # refuse what this split cannot wear before any weight is read
         if adapter_path:
             path = Path(adapter_path)
-            check_applicable(path, {})
-            check_adapter(
-                AdapterWeights(path, read_adapter_config(path), {}), plan, str(config.get("model_type"))
-            )
+            adapter_config = read_adapter_config(path)
+            check_applicable(path, adapter_config)  # a PEFT adapter is named as such
+            check_adapter(AdapterWeights(path, adapter_config, {}), plan, str(config.get("model_type")))
     headers = model_headers(model_dir)
     per_token = kv_bytes_per_token(model, activation_dtype_bytes(headers, config))
     context = int(spec["context_tokens"])
@@ -256,9 +255,7 @@ def run(spec: dict[str, Any], rank: int) -> None:
             continue
         nxt = None
         if adapter_path:
-            path = Path(adapter_path)
-            check_applicable(path, {})
-            nxt = read_adapter(path)
+            nxt = read_adapter(Path(adapter_path))
         swapped = swap_sharded(model, current, nxt, plan)
         current = swapped.applied
         del nxt  # the whole adapter: this rank keeps only its part
