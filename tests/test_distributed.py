@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def test_bad_hostfile_on_the_command_line_is_one_error_line(demo_kit: DemoKit, t
     assert "needs 'ips'" in done.stderr
 
 
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client on this machine")
 def test_unreachable_host_is_named_before_anything_starts(demo_kit: DemoKit, tmp_path: Path) -> None:
     path = tmp_path / "hosts.json"
     path.write_text(json.dumps([LOOPBACK, {"ssh": "no-such-host.invalid", "ips": ["192.0.2.1"]}]))
@@ -532,7 +534,6 @@ def test_tensor_parallel_lora_on_a_quantized_base(
 @pytest.fixture(scope="module")
 def qwen2_model(demo_kit: DemoKit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny qwen2 (mlx-lm's own pipeline stages) with 3 blocks, and a LoRA on its last 2 blocks only."""
-    import shutil
 
     import mlx.core as mx
     from mlx.utils import tree_flatten
