@@ -25,6 +25,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("startup", "CLI start-up vs import mlx_lm"),
     ("server", "server latency and concurrency"),
     ("bad_input", "malformed input: clear errors"),
+    ("distributed", "2 loopback ranks vs one process"),
 )
 
 
@@ -91,6 +92,15 @@ def run_all(quick: bool, only: list[str], work: Path) -> dict[str, Any]:
     return results
 
 
+def _merged(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """A run of ``--only`` some benchmarks replaces their figures in the saved results and keeps the rest."""
+    for key in ("benchmarks", "seconds"):
+        saved[key] = {**saved.get(key, {}), **fresh[key]}
+    saved["started"], saved["machine"] = fresh["started"], fresh["machine"]
+    saved["wall_seconds"] = sum(saved["seconds"].values())
+    return saved
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (< 10 min)")
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
         results = run_all(args.quick, only, RESULTS)
+        if only and out.exists():
+            results = _merged(json.loads(out.read_text()), results)
         out.write_text(json.dumps(results, indent=2))
         print(f"\nResults: {out.relative_to(HERE.parent)}; wall time {results['wall_seconds']:.0f} s")
     if not args.no_docs:
