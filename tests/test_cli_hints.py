@@ -20,6 +20,9 @@ OTHER_PROGRAMS = {
     "--check": "`python -m mlxman.cli.reference --check`, the docs generator, not a command",
     "--hf-path": "`mlx_lm.convert --hf-path`, the next step `pull` names for a repo not in MLX format",
     "--mlx-path": "`mlx_lm.convert --mlx-path`, the next step `pull` names for a repo not in MLX format",
+    "--hostfile": "`mlx.launch --hostfile`, the command line mlxman starts sharded ranks with",
+    "--python": "`mlx.launch --python`, the command line mlxman starts sharded ranks with",
+    "--starting-port": "`mlx.launch --starting-port`, the command line mlxman starts sharded ranks with",
 }
 
 

@@ -11,7 +11,15 @@ from rich.columns import Columns
 from rich.panel import Panel
 
 from mlxman.answers import Answer, open_pool, run_answer, run_batch
-from mlxman.cli.options import ContextOption, JsonOption, MaxModelsOption, MemoryLimitOption
+from mlxman.cli.options import (
+    BackendOption,
+    ContextOption,
+    JsonOption,
+    MaxModelsOption,
+    MemoryLimitOption,
+    RankTimeoutOption,
+    ShardOption,
+)
 from mlxman.errors import Interrupted, UsageError
 from mlxman.generate import GenerationRequest, GenerationStats
 from mlxman.memory import format_bytes
@@ -87,19 +95,9 @@ def generate(
             "--hosts", help="Shard the model over the machines of this hostfile (mlx.distributed_config's)."
         ),
     ] = None,
-    backend: Annotated[
-        Optional[str],
-        typer.Option("--backend", help="With --hosts: ring or jaccl (default: the hostfile's, else ring)."),
-    ] = None,
-    shard: Annotated[
-        str, typer.Option("--shard", help="With --hosts: pipeline (whole blocks per machine) or tensor.")
-    ] = "pipeline",
-    rank_timeout: Annotated[
-        float,
-        typer.Option(
-            "--rank-timeout", help="With --hosts: seconds to wait for the ranks to join, and for each token."
-        ),
-    ] = 60.0,
+    backend: BackendOption = None,
+    shard: ShardOption = "pipeline",
+    rank_timeout: RankTimeoutOption = 60.0,
 ) -> None:
     """Generate text, streaming tokens to stdout and stats to stderr."""
     request = GenerationRequest(

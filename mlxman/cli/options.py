@@ -47,3 +47,17 @@ MaxModelsOption = Annotated[
         "config max_models, 8.",
     ),
 ]
+# Sharding over several machines (--hosts on generate and serve).
+BackendOption = Annotated[
+    Optional[str],
+    typer.Option("--backend", help="With --hosts: ring or jaccl (default: the hostfile's, else ring)."),
+]
+ShardOption = Annotated[
+    str, typer.Option("--shard", help="With --hosts: pipeline (whole blocks per machine) or tensor.")
+]
+RankTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--rank-timeout", help="With --hosts: seconds to wait for the ranks to join, and for each token."
+    ),
+]

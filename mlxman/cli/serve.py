@@ -7,7 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlxman.cli.options import ContextOption, MaxModelsOption, MemoryLimitOption
+from mlxman.cli.options import (
+    BackendOption,
+    ContextOption,
+    MaxModelsOption,
+    MemoryLimitOption,
+    RankTimeoutOption,
+    ShardOption,
+)
 from mlxman.client import api_key_from_env, server_address
 from mlxman.errors import UsageError
 from mlxman.memory import resolve_budget, system_memory
@@ -105,17 +112,9 @@ def serve(
             "--preload MODEL, and MODEL::ADAPTER for each adapter.",
         ),
     ] = None,
-    backend: Annotated[
-        Optional[str],
-        typer.Option("--backend", help="With --hosts: ring or jaccl (default: the hostfile's)."),
-    ] = None,
-    shard: Annotated[
-        str, typer.Option("--shard", help="With --hosts: pipeline (whole blocks per machine) or tensor.")
-    ] = "pipeline",
-    rank_timeout: Annotated[
-        float,
-        typer.Option("--rank-timeout", help="With --hosts: seconds to wait for the ranks and each token."),
-    ] = 60.0,
+    backend: BackendOption = None,
+    shard: ShardOption = "pipeline",
+    rank_timeout: RankTimeoutOption = 60.0,
 ) -> None:
     """Serve the pool over HTTP: OpenAI-compatible /v1 endpoints plus pool admin; stop with Ctrl-C."""
     from mlxman.pool import parse_keep_alive
