@@ -319,3 +319,41 @@ def test_a_fifo_in_the_cache_or_a_model_folder_does_not_hang_the_listing(
     assert models[f"org/tiny@{REVISION}"]["error"] is None
     assert "FIFO" in models[str(fifo_weights)]["error"]
     assert str(fifo_model) not in models  # a config.json that is no file: not a model folder
+
+
+def test_names_with_brackets_are_shown_as_they_are(
+    demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Folder names are data, not markup: `[bold]x` is listed as `[bold]x`, and the plain lines after the
+    # table carry no escaping backslash.
+    _use_cache(monkeypatch, tmp_path / "empty-hub")
+    root = tmp_path / "models"
+    shutil.copytree(demo_kit.model, root / "m[bold]")
+    adapter = shutil.copytree(demo_kit.adapters["colors"], root / "[bold]colors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "model": str(root / "m[bold]")}))
+    (root / "[red]broken").mkdir()
+    (root / "[red]broken" / "config.json").write_text("{")
+    monkeypatch.setenv("MLXMAN_MODEL_DIRS", str(root))
+    table = run_cli("ls")
+    assert table.exit_code == 0, table.output
+    assert "└ [bold]colors" in table.stdout
+    assert f"  {root}/[red]broken: config.json" in table.stdout and "\\[" not in table.stdout
+    adapters = run_cli("ls", "--adapters")
+    assert adapters.stdout.splitlines()[1].startswith("[bold]colors ")
+    assert "\\[" not in run_cli("ls", "--adapters").stderr
+
+
+def test_a_base_outside_the_model_folders_is_listed_when_it_is_there(
+    demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The kit's adapters record the kit's model folder; with only the adapters in model_dirs, that base is
+    # on this machine (`-m` takes it), not "missing".
+    _use_cache(monkeypatch, tmp_path / "empty-hub")
+    monkeypatch.setenv("MLXMAN_MODEL_DIRS", str(demo_kit.adapters["colors"].parent))
+    data = ls_json()
+    [base] = data["models"]
+    assert base["id"] == str(demo_kit.model.resolve()) and base["error"] is None
+    assert base["source"] == "folder" and base["kind"] == "text" and base["fits"] is True
+    assert sorted(a["name"] for a in base["adapters"]) == sorted(demo_kit.adapters)
+    assert "not here" not in run_cli("ls").stdout

@@ -82,7 +82,7 @@ def _render_models(library: Library) -> None:
         out.text("")
         out.table(
             ("NAME", "STANDS FOR", "STATE"),
-            [(n.name, _shown(n.target), n.error or "ok") for n in library.names],
+            [(escape(n.name), escape(_shown(n.target)), escape(n.error or "ok")) for n in library.names],
         )
 
 
@@ -157,7 +157,7 @@ def _table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
     for column in columns:
         table.add_column(column, no_wrap=True)
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*(escape(text) for text in row))  # folder names are data, not markup
     widths = [max(cell_len(text) for text in column) for column in zip(columns, *cells, strict=True)]
     console = out.stdout
     wide = console.width
@@ -187,10 +187,9 @@ def _footer(library: Library, found: bool) -> None:
 
 
 def _shown(path: str) -> str:
-    """A path with the home folder as ``~``, escaped for the rich table."""
+    """A path with the home folder as ``~`` (plain text: tables and hints escape what they print)."""
     home = os.path.expanduser("~")
-    shown = "~" + path[len(home) :] if home not in ("", "/") and path.startswith(home + "/") else path
-    return escape(shown)
+    return "~" + path[len(home) :] if home not in ("", "/") and path.startswith(home + "/") else path
 
 
 def _size(n: int | None) -> str | None:

@@ -530,6 +530,7 @@ def _attach(
 ) -> list[ModelEntry]:
     """Each adapter under the model its config names (a path or a Hugging Face id), bases that adapters name
     but that are not here as ``missing`` entries; names on the model they stand for."""
+    models = list(models)
     keys: dict[str, int] = {}
     for i, model in enumerate(models):
         for key in _model_keys(model):
@@ -538,6 +539,13 @@ def _attach(
     missing: dict[str, list[AdapterEntry]] = {}
     for adapter in adapters:
         index = next((keys[k] for k in _base_keys(adapter) if k in keys), None)
+        base = _base_folder(adapter) if index is None else None
+        if base is not None:
+            # A base folder outside the model folders is still on this machine: `--model` takes it.
+            models.append(ModelEntry(id=base, source=FOLDER, path=base))
+            index = len(models) - 1
+            for key in _model_keys(models[index]):
+                keys.setdefault(key, index)
         if index is None:
             missing.setdefault(adapter.base or "", []).append(adapter)
         else:
@@ -581,6 +589,14 @@ def _base_keys(adapter: AdapterEntry) -> list[str]:
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             keys.append(str((Path(adapter.path).parent / adapter.base).resolve()))
     return keys
+
+
+def _base_folder(adapter: AdapterEntry) -> str | None:
+    """The model folder an adapter's recorded base names, when it is one on this machine."""
+    for key in _base_keys(adapter):
+        if key.startswith("/") and (Path(key) / CONFIG_FILE).is_file():
+            return key
+    return None
 
 
 def _model_keys(model: ModelEntry) -> Iterable[str]:
