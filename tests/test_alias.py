@@ -349,3 +349,42 @@ def test_a_name_for_a_cached_hub_id(
             elsewhere.resolve(spec, set())
         answers.append(str(refused.value).replace(spec, "ID"))
     assert answers[0] == answers[1]
+
+
+def test_adapter_none_on_a_pair_name_is_its_base(demo_kit: DemoKit) -> None:
+    # `-a none` asks for the bare base: on a name for a pair it drops the name's adapter; no -a keeps it.
+    assert run_cli("alias", "chat", pair(demo_kit)).exit_code == 0
+    bare = run_cli("generate", "-m", "chat", "-a", "none", "-p", DEMO_PROMPT, "--json")
+    assert bare.exit_code == 0, bare.stderr
+    (answer,) = json.loads(bare.stdout)
+    assert answer["key"] == resolve_target(str(demo_kit.model)).key
+    both = run_cli(
+        "generate",
+        "-m",
+        "chat",
+        "-a",
+        "none",
+        "-a",
+        str(demo_kit.adapters["colors"]),
+        "-p",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--json",
+    )
+    assert both.exit_code == 0, both.stderr
+    assert [a["key"] for a in json.loads(both.stdout)] == [
+        resolve_target(str(demo_kit.model)).key,
+        resolve_target(pair(demo_kit)).key,
+    ]
+
+
+def test_a_pair_name_takes_its_own_adapter_however_it_is_spelled(
+    demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli("alias", "chat", pair(demo_kit)).exit_code == 0
+    monkeypatch.chdir(demo_kit.adapters["colors"].parent)
+    assert resolve_target("chat", "./colors").key == resolve_target(pair(demo_kit)).key
+    assert resolve_target("chat::colors").key == resolve_target(pair(demo_kit)).key
+    with pytest.raises(Exception, match="already stands for"):
+        resolve_target("chat", "./numbers")

@@ -112,6 +112,8 @@ def generate(
     )
     request.check()
     adapters = [None if a.lower() == NO_ADAPTER else a for a in (adapter or [NO_ADAPTER])]
+    # `-a none` asks for the bare base, also of a name for a model with its adapter; no -a keeps the name's.
+    base = _base_of(model) if adapter is not None else model
     if hosts is not None:
         from mlxman.cli.sharded import generate_sharded
 
@@ -134,7 +136,7 @@ def generate(
     answers: list[Answer] = []
     with open_pool(memory_limit, context_length, max_models) as pool:
         if several and not request.images:
-            batch = [Answer(model, a) for a in adapters]
+            batch = [Answer(model if a is not None else base, a) for a in adapters]
             try:
                 batched = run_batch(pool, batch, request)
             except KeyboardInterrupt:
@@ -149,7 +151,7 @@ def generate(
                 adapters = []
                 answers = batch
         for adapter_path in adapters:
-            answer = Answer(model, adapter_path)
+            answer = Answer(model if adapter_path is not None else base, adapter_path)
             if stream and several:
                 out.stdout.print(f"[title]── {answer.label} ──[/title]")
             try:
@@ -167,6 +169,14 @@ def generate(
         out.json([a.as_dict() for a in answers])
     elif side_by_side:
         _show_side_by_side(answers)
+
+
+def _base_of(model: str) -> str:
+    """The model a name for a model+adapter pair stands on; anything else as it is."""
+    from mlxman.library.aliases import lookup
+
+    alias = lookup(model)
+    return alias.model if alias is not None and alias.adapter is not None else model
 
 
 def _wide_enough(count: int) -> bool:

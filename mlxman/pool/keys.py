@@ -73,13 +73,14 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
     alias = lookup(model_spec)
     if alias is not None:
         given = embedded if embedded is not None else adapter
-        if alias.adapter is not None and given is not None and given != alias.adapter:
+        if alias.adapter is not None and given is not None and not _same_adapter(given, alias.adapter):
             raise AdapterError(
                 f"Name '{alias.name}' already stands for a model with an adapter ({alias.target}), and "
                 f"{given!r} was given too",
                 f"name the adapter once: `{alias.name}` alone, or its model {alias.model} with your adapter",
             )
         model_spec, embedded = alias.model, embedded if alias.adapter is None else alias.adapter
+        adapter = None if alias.adapter is not None else adapter
     if embedded is not None and adapter is not None and embedded != adapter:
         raise AdapterError(
             f"Two adapters given for one request: {embedded!r} in the model name and {adapter!r}",
@@ -90,3 +91,13 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
         resolved = resolve_model(model_spec)
         adapter_dir = resolve_adapter_dir(adapter_spec) if adapter_spec else None
     return Target(model=resolved, adapter=adapter_dir)
+
+
+def _same_adapter(given: str, stored: str) -> bool:
+    """Whether ``given`` (as typed: relative, ``~``) names the adapter folder a name keeps absolute."""
+    if given == stored:
+        return True
+    try:
+        return Path(given).expanduser().resolve() == Path(stored)
+    except (OSError, RuntimeError, ValueError):
+        return False
