@@ -129,3 +129,19 @@ def test_path_component_over_255_bytes(tmp_path: Path) -> None:
     for spec in (str(tmp_path / LONG_NAME), f"{tmp_path}/{LONG_NAME}/model", LONG_NAME + "/x"):
         with pytest.raises(ModelError, match=r"name too long.*255"):
             resolve_model(spec)
+
+
+def test_a_cached_commit_is_found_by_its_short_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `pull ORG/NAME@3e21572` takes a short hash; so must `-m`, or its not-cached hint (pull it) loops.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    revision = "3e2157205fc0376333ba9fa7ffb181eb10d95db5"
+    snapshot = fake_hub_cache(tmp_path, "org/tiny", revision)
+    (tmp_path / "models--org--tiny" / "snapshots" / ("3e2f" + "0" * 36)).mkdir()
+    resolved = resolve_model("org/tiny@3e21572")
+    assert resolved.path == snapshot and resolved.id == f"org/tiny@{revision}"
+    with pytest.raises(NotFoundError):
+        resolve_model("org/tiny@3e2")  # too short to be a commit: a branch or tag name, not cached
+    with pytest.raises(NotFoundError):
+        resolve_model("org/tiny@abcdef0")

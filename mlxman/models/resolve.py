@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from mlxman.files import (
 from mlxman.library.aliases import errors_about, lookup, model_only
 
 CONFIG_FILE = "config.json"
+# A revision of 7 to 39 lowercase hex digits may be a commit's short hash (git's shortest is 7).
+_SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,18 @@ def _local_model(spec: str, local: Path) -> ResolvedModel:
 
 
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if revision is not None and _SHORT_COMMIT.fullmatch(revision):
+        # huggingface_hub finds a cached commit by its full hash only; `pull` and `rm` take a short one.
+        snapshots = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+        try:
+            found = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
+        except OSError:
+            found = []
+        if len(found) == 1:
+            revision = found[0]
     try:
         found = snapshot_download(repo_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError as exc:
