@@ -107,11 +107,11 @@ def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
         # huggingface_hub finds a cached commit by its full hash only; `pull` and `rm` take a short one.
         snapshots = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
         try:
-            found = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
+            commits = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
         except OSError:
-            found = []
-        if len(found) == 1:
-            revision = found[0]
+            commits = []
+        if len(commits) == 1:
+            revision = commits[0]
     try:
         found = snapshot_download(repo_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError as exc:
