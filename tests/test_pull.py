@@ -345,6 +345,14 @@ def test_rm_asks_first_and_keeps_the_model_unless_told_yes(hub: LocalHub, hf_hom
     assert not folder.exists()
 
 
+def test_rm_with_no_one_to_answer_is_one_error_line(hub: LocalHub, hf_home: Path) -> None:
+    # A script without --yes (stdin closed): an Error line naming --yes, not click's bare "Aborted!".
+    assert mlxman(hub, hf_home, "pull", MODEL).returncode == 0
+    unanswered = mlxman(hub, hf_home, "rm", MODEL, stdin="")
+    assert_clean_error(unanswered, 2, "--yes")
+    assert "Aborted" not in unanswered.stderr and repo_folder(hf_home, MODEL).exists()
+
+
 def test_rm_yes_json_says_what_was_freed(hub: LocalHub, hf_home: Path, repos: list[HubRepo]) -> None:
     assert mlxman(hub, hf_home, "pull", MODEL).returncode == 0
     proc = mlxman(hub, hf_home, "rm", MODEL, "--yes", "--json")

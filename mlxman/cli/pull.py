@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mlxman.cli.options import ApiKeyEnvOption, HostOption, JsonOption
+from mlxman.errors import Interrupted, UsageError
 from mlxman.memory import format_bytes
 from mlxman.output import out
 
@@ -125,7 +127,7 @@ def rm(
         r.commit[:12] + (f" ({', '.join(r.refs)})" if r.refs else "") for r in removal.revisions
     )
     what = f"{removal.repo_id} [{revisions}], {format_bytes(removal.freed_bytes)}"
-    if not yes and not typer.confirm(f"Remove {what}?", default=False, err=True):
+    if not yes and not _confirmed(f"Remove {what}?"):
         out.info(f"Kept {removal.repo_id}.")
         raise typer.Exit(1)
     freed = hub.remove(removal)
@@ -133,3 +135,17 @@ def rm(
         out.json({"removed": removal, "freed_bytes": freed})
         return
     out.success(f"Removed {removal.repo_id}: freed {format_bytes(freed)}")
+
+
+def _confirmed(question: str) -> bool:
+    """The user's answer; no answer (stdin closed, Ctrl-C) is an error that names ``--yes``."""
+    try:
+        return typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        out.info("")  # end the question's line
+        if sys.stdin is not None and sys.stdin.isatty():
+            raise Interrupted("Interrupted; nothing was removed") from None
+        raise UsageError(
+            "No answer to the question (stdin is closed); nothing was removed",
+            "pass --yes to remove without asking",
+        ) from None
