@@ -388,3 +388,36 @@ def test_a_pair_name_takes_its_own_adapter_however_it_is_spelled(
     assert resolve_target("chat::colors").key == resolve_target(pair(demo_kit)).key
     with pytest.raises(Exception, match="already stands for"):
         resolve_target("chat", "./numbers")
+
+
+def test_names_for_cached_ids_are_checked_without_the_hub_client(
+    demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `alias ls` checks a name for a cached id by the cache's layout: huggingface_hub's download client
+    # (its HTTP stack, a third of a second) stays out of start-up.
+    import subprocess
+    import sys
+
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    revision = "d" * 40
+    repo = hub / "models--org--tiny"
+    shutil.copytree(demo_kit.model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "refs" / "v1").write_text(revision)
+    set_alias("tiny", "org/tiny")
+    set_alias("tiny1", "org/tiny@v1")
+    code = (
+        "import sys\nfrom mlxman.cli.app import app\n"
+        "try:\n    app(['alias', 'ls', '--json'], prog_name='mlxman')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub.file_download', 'httpx'))),"
+        " file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+    assert [row["ok"] for row in json.loads(proc.stdout)] == [True, True]
+    assert resolve_target("tiny1").key == f"org/tiny@{revision}"

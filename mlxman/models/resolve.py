@@ -14,6 +14,7 @@ from mlxman.files import (
     FileProblem,
     exists,
     path_problem,
+    read_bounded,
     read_json_object,
     shown_path,
     too_long,
@@ -23,6 +24,8 @@ from mlxman.library.aliases import errors_about, lookup, model_only
 CONFIG_FILE = "config.json"
 # A revision of 7 to 39 lowercase hex digits may be a commit's short hash (git's shortest is 7).
 _SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")
+_FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
+REF_MAX_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,33 @@ def _local_model(spec: str, local: Path) -> ResolvedModel:
     return ResolvedModel(id=str(path), path=path)
 
 
+def _from_cache_layout(cache: Path, repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot a ref (or a full commit) names, read by the cache's documented layout: the common case
+    without importing huggingface_hub's download client (its HTTP stack), which `alias ls` and the server's
+    name lookups would otherwise pay for."""
+    revision = revision or "main"
+    if ".." in revision.split("/") or revision.startswith("/"):
+        return None
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = revision
+    if not _FULL_COMMIT.fullmatch(revision):
+        try:
+            commit = read_bounded(folder / "refs" / revision, REF_MAX_BYTES, "a cache ref").decode().strip()
+        except (FileProblem, UnicodeDecodeError):
+            return None
+        if not _FULL_COMMIT.fullmatch(commit):
+            return None
+    snapshot = folder / "snapshots" / commit
+    return snapshot if exists(snapshot / CONFIG_FILE) else None
+
+
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
+
+    cached = _from_cache_layout(Path(constants.HF_HUB_CACHE), repo_id, revision)
+    if cached is not None:
+        return cached
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if revision is not None and _SHORT_COMMIT.fullmatch(revision):
