@@ -357,3 +357,12 @@ def test_a_base_outside_the_model_folders_is_listed_when_it_is_there(
     assert base["source"] == "folder" and base["kind"] == "text" and base["fits"] is True
     assert sorted(a["name"] for a in base["adapters"]) == sorted(demo_kit.adapters)
     assert "not here" not in run_cli("ls").stdout
+
+
+def test_the_names_table_is_not_cut_to_the_terminal(models_dir: Path, demo_kit: DemoKit) -> None:
+    pair = f"{demo_kit.model}::{demo_kit.adapters['colors']}"
+    assert run_cli("alias", "tiny-colors", pair).exit_code == 0
+    result = run_cli("ls", env={"COLUMNS": "60"})
+    assert result.exit_code == 0
+    assert any(line.split()[:2] == ["tiny-colors", pair] for line in result.stdout.splitlines())
+    assert "…" not in result.stdout

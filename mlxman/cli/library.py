@@ -80,9 +80,9 @@ def _render_models(library: Library) -> None:
             out.text(f"  {_shown(model.id)}: {', '.join(a.name for a in model.adapters)}")
     if library.names:
         out.text("")
-        out.table(
+        _table(
             ("NAME", "STANDS FOR", "STATE"),
-            [(escape(n.name), escape(_shown(n.target)), escape(n.error or "ok")) for n in library.names],
+            [(n.name, _shown(n.target), n.error or "ok") for n in library.names],
         )
 
 
