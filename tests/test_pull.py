@@ -353,6 +353,19 @@ def test_rm_with_no_one_to_answer_is_one_error_line(hub: LocalHub, hf_home: Path
     assert "Aborted" not in unanswered.stderr and repo_folder(hf_home, MODEL).exists()
 
 
+def test_rm_names_the_names_it_leaves_without_a_target(hub: LocalHub, hf_home: Path, tmp_path: Path) -> None:
+    assert mlxman(hub, hf_home, "pull", MODEL).returncode == 0
+    assert mlxman(hub, hf_home, "pull", ADAPTER).returncode == 0
+    home = {"MLXMAN_HOME": str(tmp_path / "home")}
+    adapter = next((repo_folder(hf_home, ADAPTER) / "snapshots").iterdir())
+    assert mlxman(hub, hf_home, "alias", "base", MODEL, **home).returncode == 0
+    assert mlxman(hub, hf_home, "alias", "pair", f"{MODEL}::{adapter}", **home).returncode == 0
+    gone = mlxman(hub, hf_home, "rm", ADAPTER, "--yes", **home)
+    assert gone.returncode == 0, gone.stderr
+    assert "pair" in gone.stderr and "base" not in gone.stderr.replace(str(hf_home), "")
+    assert "mlxman alias rm pair" in gone.stderr
+
+
 def test_rm_yes_json_says_what_was_freed(hub: LocalHub, hf_home: Path, repos: list[HubRepo]) -> None:
     assert mlxman(hub, hf_home, "pull", MODEL).returncode == 0
     proc = mlxman(hub, hf_home, "rm", MODEL, "--yes", "--json")

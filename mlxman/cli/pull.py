@@ -15,7 +15,7 @@ from mlxman.memory import format_bytes
 from mlxman.output import out
 
 if TYPE_CHECKING:
-    from mlxman.library.hub import ProgressFn, PullPlan, PullResult
+    from mlxman.library.hub import ProgressFn, PullPlan, PullResult, Removal
 
 # How many skipped file names the plan line shows before "and N more".
 SKIPPED_SHOWN = 3
@@ -131,10 +131,46 @@ def rm(
         out.info(f"Kept {removal.repo_id}.")
         raise typer.Exit(1)
     freed = hub.remove(removal)
+    stale = _names_left_without(removal)
     if json_output:
         out.json({"removed": removal, "freed_bytes": freed})
-        return
-    out.success(f"Removed {removal.repo_id}: freed {format_bytes(freed)}")
+    else:
+        out.success(f"Removed {removal.repo_id}: freed {format_bytes(freed)}")
+    if stale:
+        out.hint(
+            f"Names that stood for it no longer work: {', '.join(stale)}; point them elsewhere with "
+            f"`mlxman alias NAME MODEL`, or forget them with `mlxman alias rm {' '.join(stale)}`."
+        )
+
+
+def _names_left_without(removal: Removal) -> list[str]:
+    """The names (``mlxman alias``) whose model or adapter was in what ``rm`` removed."""
+    from pathlib import Path
+
+    from mlxman.errors import MlxmanError
+    from mlxman.library.aliases import load_aliases
+
+    try:
+        aliases = load_aliases()
+    except MlxmanError:
+        return []
+    removed = [r.path for r in removal.revisions]
+    stale = []
+    for alias in aliases.values():
+        repo, _, revision = alias.model.partition("@")
+        model_gone = repo == removal.repo_id and (
+            removal.whole_repo
+            or any(
+                (revision or "main") in r.refs or r.commit.startswith(revision or "-")
+                for r in removal.revisions
+            )
+        )
+        adapter_gone = alias.adapter is not None and any(
+            Path(alias.adapter).is_relative_to(p) for p in removed
+        )
+        if model_gone or adapter_gone:
+            stale.append(alias.name)
+    return sorted(stale)
 
 
 def _confirmed(question: str) -> bool:
