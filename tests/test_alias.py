@@ -411,6 +411,10 @@ def test_names_for_cached_ids_are_checked_without_the_hub_client(
     (repo / "refs" / "v1").write_text(revision)
     set_alias("tiny", "org/tiny")
     set_alias("tiny1", "org/tiny@v1")
+    set_alias("gone", "org/tiny")
+    doc = json.loads(aliases_path().read_text())
+    doc["aliases"]["gone"]["model"] = "org/removed"  # a name whose repo `rm` removed since
+    aliases_path().write_text(json.dumps(doc))
     code = (
         "import sys\nfrom mlxman.cli.app import app\n"
         "try:\n    app(['alias', 'ls', '--json'], prog_name='mlxman')\nexcept SystemExit:\n    pass\n"
@@ -419,5 +423,9 @@ def test_names_for_cached_ids_are_checked_without_the_hub_client(
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
-    assert [row["ok"] for row in json.loads(proc.stdout)] == [True, True]
+    assert [(row["name"], row["ok"]) for row in json.loads(proc.stdout)] == [
+        ("gone", False),
+        ("tiny", True),
+        ("tiny1", True),
+    ]
     assert resolve_target("tiny1").key == f"org/tiny@{revision}"

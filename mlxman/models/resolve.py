@@ -125,9 +125,10 @@ def _from_cache_layout(cache: Path, repo_id: str, revision: str | None) -> Path 
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import constants
 
-    cached = _from_cache_layout(Path(constants.HF_HUB_CACHE), repo_id, revision)
-    if cached is not None:
-        return cached
+    cache = Path(constants.HF_HUB_CACHE)
+    cached = _from_cache_layout(cache, repo_id, revision)
+    if cached is not None or not (cache / ("models--" + repo_id.replace("/", "--"))).is_dir():
+        return cached  # a repo never cached: nothing for huggingface_hub to find either
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
