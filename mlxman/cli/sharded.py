@@ -47,7 +47,7 @@ def generate_sharded(
     from mlxman.distributed.hostfile import read_hostfile
     from mlxman.distributed.launch import ShardedJob, run_sharded
     from mlxman.distributed.sharding import SHARD_MODES
-    from mlxman.models.resolve import resolve_model
+    from mlxman.pool.keys import resolve_target
     from mlxman.settings import load_config, resolve_pool_limits
 
     if shard not in SHARD_MODES:
@@ -59,13 +59,14 @@ def generate_sharded(
             f"--rank-timeout must be positive, got {rank_timeout}", "pass e.g. --rank-timeout 60"
         )
     hostfile = read_hostfile(hosts, backend)
-    resolved = resolve_model(model)
-    adapter_dirs = tuple(str(Path(a).expanduser().resolve()) if a else None for a in adapters)
+    # As on one machine: a name may stand for a model with its adapter; every adapter is checked here first.
+    targets = [resolve_target(model, a) for a in adapters]
+    adapter_dirs = tuple(str(t.adapter) if t.adapter else None for t in targets)
     limits = resolve_pool_limits(context_length, None, load_config())
     fields = ("prompt", "system", "raw", "max_tokens", "temperature", "top_p", "seed")
     job = ShardedJob(
         hostfile=hostfile,
-        model_dir=resolved.path.resolve(),
+        model_dir=targets[0].model.path.resolve(),
         adapters=adapter_dirs,
         mode=shard,
         context_tokens=limits.context_tokens,
