@@ -22,7 +22,7 @@ from mlxman.demo import DemoKit
 from mlxman.distributed.checks import RankShare, share_problems, version_problem
 from mlxman.distributed.hostfile import parse_hostfile, read_hostfile
 from mlxman.errors import UsageError
-from tests.server_harness import running_server
+from tests.server_harness import running_server, wait_until
 
 MLXMAN = [sys.executable, "-m", "mlxman"]
 LOOPBACK = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
@@ -585,3 +585,94 @@ def test_mlx_lm_pipeline_model_with_an_adapter_on_its_last_blocks(
     # 3 blocks: rank 0 runs blocks 1-2 (all of the adapter), rank 1 runs block 0 (none of it).
     held = [r["adapter_bytes"] for r in sharded[1]["ranks"]]
     assert held[0] > 0 and held[1] == 0
+
+
+# --- hardening: names, stop sequences, clients that leave, shutdown ----------------------------------------
+
+
+def test_generate_hosts_takes_a_name_for_a_model_with_its_adapter(
+    demo_kit: DemoKit, hosts: Path, tmp_path: Path, one_process: dict[str, str]
+) -> None:
+    colors = str(demo_kit.adapters["colors"])
+    env = {**_env(), "MLXMAN_HOME": str(tmp_path / "home")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*MLXMAN, *args],
+            capture_output=True,
+            text=True,
+            timeout=RUN_LIMIT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    assert run("alias", "tinycolors", f"{demo_kit.model}::{colors}").returncode == 0
+    # A second adapter on a name that already has one is refused before any rank starts, as on one machine.
+    both = run("generate", "--hosts", str(hosts), "-m", "tinycolors", "-a", colors + "x", "-p", "hi")
+    assert both.returncode != 0 and both.stderr.startswith("Error: ") and "joined" not in both.stderr
+    done = run(
+        "generate", "--hosts", str(hosts), "-m", "tinycolors", "-p", "hello", "--max-tokens", "16", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout)
+    assert [(a["adapter"], a["text"]) for a in answers] == [(colors, one_process[colors])]
+
+
+def _rank_processes(pid: int) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process(pid).children(recursive=True)
+        if p.cmdline()[1:3] == ["-m", "mlxman.distributed.rank"]
+    ]
+
+
+def test_serve_hosts_stop_sequences_clients_that_leave_and_shutdown(
+    endless_model: Path, hosts: Path, tmp_path: Path
+) -> None:
+    endless = str(endless_model)
+    chat = {"model": endless, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 24}
+    with running_server(tmp_path, "--hosts", str(hosts), "--preload", endless) as server:
+        whole = server.post("/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
+        assert "tiny demo" in whole
+        # A stop sequence cuts the text on rank 0 and ends the request on every rank, streamed or not.
+        stopped = server.post("/v1/chat/completions", {**chat, "stop": ["demo"]})
+        assert stopped.status_code == 200, stopped.text
+        choice = stopped.json()["choices"][0]
+        assert choice["message"]["content"] == whole[: whole.index("demo")]
+        assert choice["finish_reason"] == "stop"
+        streamed = server.openai().chat.completions.create(
+            model=endless, messages=chat["messages"], max_tokens=24, stop="demo", stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole[: whole.index("demo")]
+
+        # A client that leaves a non-streamed request cancels it on every rank too.
+        long = {"model": endless, "prompt": "hi", "max_tokens": 3000}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=long, timeout=1.5)
+        after = server.post("/v1/completions", {"model": endless, "prompt": "hi", "max_tokens": 2})
+        assert after.status_code == 200
+        assert re.search(r"cmpl-\w+: \d+ tokens, cancelled", server.log_text())
+
+        # Ctrl-C or SIGTERM while a request runs: that request ends, every rank leaves, the server exits 0.
+        ranks = _rank_processes(server.process.pid)
+        assert len(ranks) == 2
+        answers: dict[str, httpx.Response] = {}
+        worker = threading.Thread(
+            target=lambda: answers.update(
+                long=httpx.post(server.url + "/v1/completions", json=long, timeout=RUN_LIMIT)
+            )
+        )
+        worker.start()
+        wait_until(lambda: _generating(server), RUN_LIMIT, "the request to start")
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=RUN_LIMIT)
+        worker.join(RUN_LIMIT)
+        assert answers["long"].status_code == 503
+        assert "stopping" in answers["long"].json()["error"]["message"]
+        assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert "Traceback" not in server.log_text()
+
+
+def _generating(server: Any) -> bool:
+    pool = server.get("/api/pool").json()
+    return bool(pool["entries"][0]["in_use"])

@@ -268,6 +268,7 @@ def run(spec: dict[str, Any], rank: int) -> None:
             if rank == 0:
                 ev.emit(ev.TEXT, text=piece)
         stats = generation.stats
+        inbox.cancelled.discard(request_id)  # marks of ended requests would pile up on a long-lived rank
         # mlx-lm runs one step ahead on its own stream; its collectives must end before ours start.
         mx.synchronize(generation_stream)
         used = stats.prompt_tokens + stats.generation_tokens

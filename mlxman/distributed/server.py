@@ -8,11 +8,12 @@ answering, says why the ranks are down (``/health``), and starts them again for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mlxman.distributed.launch import RankGroup, ShardedJob
-from mlxman.errors import ContextError, MlxmanError, NotFoundError, UsageError
+from mlxman.engine.events import StopMatcher
+from mlxman.errors import ContextError, DistributedError, MlxmanError, NotFoundError, UsageError
 from mlxman.generate import GenerationRequest
 from mlxman.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from mlxman.server.security import check_bearer
@@ -54,6 +56,11 @@ class ShardedService:
     share_rows: list[dict[str, Any]] = field(default_factory=list)
     last_error: str | None = None
     in_use: int = 0
+    # Requests asked for and not yet answered, those whose client left (or hit a stop sequence), and
+    # whether the server is stopping (it cancels what runs and refuses what waits).
+    active: set[str] = field(default_factory=set)
+    cancelled: set[str] = field(default_factory=set)
+    stopping: bool = False
     narrate: Callable[[str], None] = field(default=lambda _m: None)
     started: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -99,21 +106,43 @@ class ShardedService:
             self.last_rows = list(event["rows"])
 
     def ask(
-        self, adapter: str | None, request: dict[str, Any], on_text: Any, request_id: str = ""
+        self,
+        adapter: str | None,
+        request: dict[str, Any],
+        on_text: Any,
+        request_id: str = "",
+        stops: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """Run one request on every rank; the stats of rank 0's answer."""
+        """Run one request on every rank; the stats of rank 0's answer.
+
+        Stop sequences are found in rank 0's text, as on one machine; the text is cut there and the ranks
+        are asked to stop, which they do together at their next agreed check.
+        """
         done: dict[str, Any] = {}
+        matcher = StopMatcher(stops)
+        hit = False
 
         def on_event(event: dict[str, Any]) -> None:
+            nonlocal hit
             self._note(event)
-            if event["event"] == "text":
-                on_text(event["text"])
+            if event["event"] == "text" and not hit:
+                ready, hit = matcher.feed(event["text"])
+                if ready:
+                    on_text(ready)
+                if hit:
+                    self.cancel(request_id)
             elif event["event"] == "answer_end":
                 done.update(event["stats"])
 
         self.in_use += 1
+        self.active.add(request_id)
         try:
             with self.lock:
+                if self.stopping:
+                    raise _stopping()
+                if request_id in self.cancelled:  # its client left while it waited
+                    self.narrate(f"{request_id}: cancelled before it started")
+                    return {"finish_reason": "cancelled", "generation_tokens": 0}
                 self.start()
                 assert self.group is not None
                 try:
@@ -123,16 +152,36 @@ class ShardedService:
                         self.last_error = str(exc)
                     self.narrate(f"{request_id or 'request'}: {exc}")
                     raise
+            if hit:
+                done["finish_reason"] = "stop"
+            else:
+                rest = matcher.flush()
+                if rest:
+                    on_text(rest)
         finally:
             self.in_use -= 1
+            self.active.discard(request_id)
+            self.cancelled.discard(request_id)
         tokens, reason = done.get("generation_tokens"), done.get("finish_reason")
         self.narrate(f"{request_id or 'request'}: {tokens} tokens, {reason}")
+        if self.stopping and reason == "cancelled":
+            raise _stopping()
         return done
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request whose client left (the ranks agree on the token to stop at)."""
+        """Stop a request whose client left (the ranks agree on the token to stop at); one that still
+        waits for the ranks is dropped when its turn comes."""
+        if request_id not in self.active:
+            return
+        self.cancelled.add(request_id)
         if self.group is not None:
             self.group.cancel(request_id)
+
+    def stop_all(self) -> None:
+        """The server is stopping: what runs ends at the ranks' next check, what waits is refused."""
+        self.stopping = True
+        for request_id in list(self.active):
+            self.cancel(request_id)
 
     def ranks(self) -> list[dict[str, Any]]:
         """A row per rank: host, weights (estimated and measured), KV, adapter, MLX active memory, budget."""
@@ -223,9 +272,11 @@ class ShardedService:
             self.group.close()
 
 
+def _stopping() -> DistributedError:
+    return DistributedError("The server is stopping", "send the request again once it is back")
+
+
 def _generation(body: SamplingFields) -> dict[str, Any]:
-    if body.stop_sequences():
-        raise UsageError("stop sequences are not supported on a sharded model", "leave out stop")
     fields: dict[str, Any] = {
         "max_tokens": body.token_limit() or DEFAULT_MAX_TOKENS,  # type: ignore[attr-defined]
         "temperature": body.temperature if body.temperature is not None else 0.0,
@@ -283,28 +334,45 @@ def create_sharded_app(service: ShardedService, api_key: str | None = None) -> F
         data = [{"id": i, "object": "model", "owned_by": "mlxman"} for i in service.ids()]
         return {"object": "list", "data": data}
 
-    def complete(body: SamplingFields, chat: bool) -> Any:
+    async def complete(body: SamplingFields, chat: bool, request: Request) -> Any:
         adapter = service.adapter_of(body.model)
         fields = _generation(body)
+        stops = body.stop_sequences()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        if not body.stream:
-            pieces: list[str] = []
-            stats = service.ask(adapter, fields, pieces.append, rid)
-            return _whole(rid, created, body.model, chat, "".join(pieces), stats)
-        return StreamingResponse(
-            _sse(service, adapter, fields, rid, created, body.model, chat), media_type="text/event-stream"
-        )
+        if body.stream:
+            return StreamingResponse(
+                _sse(service, adapter, fields, rid, created, body.model, chat, stops),
+                media_type="text/event-stream",
+            )
+        pieces: list[str] = []
+        # A client that leaves a non-streamed request cancels it too (on every rank, or before it starts).
+        watch = asyncio.create_task(_cancel_on_disconnect(service, request, rid))
+        try:
+            stats = await asyncio.to_thread(service.ask, adapter, fields, pieces.append, rid, stops)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        return _whole(rid, created, body.model, chat, "".join(pieces), stats)
 
     @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(body: ChatCompletionRequest) -> Any:
-        return complete(body, True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await complete(body, True, request)
 
     @app.post("/v1/completions", response_model=None)
-    def completions(body: CompletionRequest) -> Any:
-        return complete(body, False)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await complete(body, False, request)
 
     return app
+
+
+async def _cancel_on_disconnect(service: ShardedService, request: Request, rid: str) -> None:
+    # A blocking receive, not polling ``is_disconnected``: behind an ``http`` middleware that poll never
+    # sees the disconnect (its receive is cancelled before the middleware's task can pass one on).
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.25)
+    service.cancel(rid)
 
 
 def _finish(stats: dict[str, Any]) -> str:
@@ -343,6 +411,7 @@ async def _sse(
     created: int,
     model: str,
     chat: bool,
+    stops: Sequence[str] = (),
 ) -> AsyncIterator[str]:
     """Server-sent events of one request; the generation runs on its own thread, feeding a queue.
 
@@ -356,7 +425,7 @@ async def _sse(
 
     def work() -> None:
         try:
-            put(("end", service.ask(adapter, fields, lambda t: put(("text", t)), rid)))
+            put(("end", service.ask(adapter, fields, lambda t: put(("text", t)), rid, stops)))
         except MlxmanError as exc:
             put(("error", exc))
 
@@ -397,7 +466,13 @@ def serve_sharded(service: ShardedService, host: str, port: int, api_key: str | 
     """Start the ranks, then serve until Ctrl-C; the ranks are stopped on the way out."""
     import uvicorn
 
-    from mlxman.server.runner import _signals_recorded, bind
+    from mlxman.server.runner import GRACEFUL_SHUTDOWN_SECONDS, _signals_recorded, bind
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Before uvicorn waits for open requests: end the one the ranks run, refuse those that wait.
+            service.stop_all()
+            await super().shutdown(sockets)
 
     sock = bind(host, port)
     try:
@@ -408,9 +483,14 @@ def serve_sharded(service: ShardedService, host: str, port: int, api_key: str | 
         narrate(
             f"Serving {service.model_id} sharded over {len(service.job.hostfile.hosts)} ranks on http://{host}:{port}"
         )
-        config = uvicorn.Config(create_sharded_app(service, api_key), log_config=None, access_log=False)
+        config = uvicorn.Config(
+            create_sharded_app(service, api_key),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
         with _signals_recorded():
-            uvicorn.Server(config).run(sockets=[sock])
+            Server(config).run(sockets=[sock])
         narrate("Stopping the ranks")
     finally:
         service.close()
