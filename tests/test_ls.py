@@ -366,3 +366,16 @@ def test_the_names_table_is_not_cut_to_the_terminal(models_dir: Path, demo_kit: 
     assert result.exit_code == 0
     assert any(line.split()[:2] == ["tiny-colors", pair] for line in result.stdout.splitlines())
     assert "…" not in result.stdout
+
+
+def test_a_model_folder_that_is_not_one_says_what_it_is(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _use_cache(monkeypatch, tmp_path / "empty-hub")
+    (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
+    folders = [tmp_path / "gone", tmp_path / "file", tmp_path / "fifo"]
+    monkeypatch.setenv("MLXMAN_MODEL_DIRS", ":".join(map(str, folders)))
+    problems = scan().problems
+    assert problems[0] == f"model folder {tmp_path / 'gone'} is missing"
+    assert "is a file" in problems[1] and "FIFO" in problems[2]

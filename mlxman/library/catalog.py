@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import MlxmanError
-from mlxman.files import CONFIG_MAX_BYTES, FileProblem, read_bounded, read_json_object
+from mlxman.files import CONFIG_MAX_BYTES, FileProblem, path_problem, read_bounded, read_json_object
 from mlxman.safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -309,8 +309,9 @@ def _folder_entries(root: Path, problems: list[str]) -> tuple[list[ModelEntry], 
     """Models and adapters in ``root`` (itself one, or folders under it, up to MAX_DEPTH deep)."""
     models: list[ModelEntry] = []
     adapters: list[AdapterEntry] = []
-    if not root.is_dir():
-        problems.append(f"model folder {root} is not a folder")
+    problem = path_problem(root, want_dir=True)
+    if problem is not None:
+        problems.append(f"model folder {root} {problem}")
         return models, adapters
     seen = 0
     stack: list[tuple[Path, int]] = [(root, 0)]
