@@ -676,3 +676,19 @@ def test_serve_hosts_stop_sequences_clients_that_leave_and_shutdown(
 def _generating(server: Any) -> bool:
     pool = server.get("/api/pool").json()
     return bool(pool["entries"][0]["in_use"])
+
+
+def test_serve_hosts_checks_its_flags_and_adapters_before_any_rank_starts(
+    demo_kit: DemoKit, hosts: Path
+) -> None:
+    base = str(demo_kit.model)
+    missing = _run(
+        "serve", "--hosts", str(hosts), "--preload", base, "--preload", f"{base}::/no/such/adapter"
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("Error: Adapter path /no/such/adapter")
+    assert "weights" not in missing.stderr  # no rank loaded anything
+    never = _run("serve", "--hosts", str(hosts), "--preload", base, "--rank-timeout", "0")
+    assert never.returncode == 2 and never.stderr.startswith("Error: --rank-timeout must be positive")
+    # Two spellings of one folder are one model.
+    spelled = _run("serve", "--hosts", str(hosts), "--preload", base + "/", "--preload", f"{base}::/no/such")
+    assert "serves one model" not in spelled.stderr and "Adapter path /no/such" in spelled.stderr

@@ -156,25 +156,34 @@ def serve_sharded_cli(
     from mlxman.distributed.server import ShardedService, serve_sharded
     from mlxman.distributed.sharding import SHARD_MODES
     from mlxman.models.resolve import resolve_model
+    from mlxman.pool.keys import resolve_adapter_dir
     from mlxman.server.security import is_loopback
     from mlxman.settings import load_config, resolve_pool_limits
 
     if shard not in SHARD_MODES:
         raise UsageError(f"Unknown --shard {shard!r}", f"use one of {', '.join(SHARD_MODES)}")
-    models = {p.partition("::")[0] for p in preload}
-    if len(models) != 1:
+    if not rank_timeout > 0:
         raise UsageError(
-            "--hosts serves one model: pass --preload MODEL (and MODEL::ADAPTER for each adapter)",
-            "e.g. --preload ~/models/big --preload ~/models/big::~/adapters/a",
+            f"--rank-timeout must be positive, got {rank_timeout}", "pass e.g. --rank-timeout 60"
         )
-    model = models.pop()
+    one_model = UsageError(
+        "--hosts serves one model: pass --preload MODEL (and MODEL::ADAPTER for each adapter)",
+        "e.g. --preload ~/models/big --preload ~/models/big::~/adapters/a",
+    )
+    if not preload:
+        raise one_model
+    hostfile = read_hostfile(hosts, backend)
+    # Each spelling of the model (a name, ./big, big/) must reach the same folder; adapters are checked here,
+    # before any rank starts.
+    model = preload[0].partition("::")[0]
+    if len({resolve_model(p.partition("::")[0]).path.resolve() for p in preload}) != 1:
+        raise one_model
+    resolved = resolve_model(model)
     adapters: list[str | None] = [None]
     for p in preload:
         adapter = p.partition("::")[2]
-        if adapter:
-            adapters.append(str(Path(adapter).expanduser().resolve()))
-    hostfile = read_hostfile(hosts, backend)
-    resolved = resolve_model(model)
+        if adapter and (found := str(resolve_adapter_dir(adapter))) not in adapters:
+            adapters.append(found)
     limits = resolve_pool_limits(context_length, None, load_config())
     job = ShardedJob(
         hostfile=hostfile,
