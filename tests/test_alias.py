@@ -429,3 +429,15 @@ def test_names_for_cached_ids_are_checked_without_the_hub_client(
         ("tiny1", True),
     ]
     assert resolve_target("tiny1").key == f"org/tiny@{revision}"
+
+
+def test_alias_rm_of_several_names_removes_all_or_none(demo_kit: DemoKit) -> None:
+    assert run_cli("alias", "chat", pair(demo_kit)).exit_code == 0
+    assert run_cli("alias", "base", str(demo_kit.model)).exit_code == 0
+    refused = run_cli("alias", "rm", "chat", "nope", "--json")
+    assert refused.exit_code == 1 and "Error: No name 'nope'" in refused.stderr
+    assert sorted(load_aliases()) == ["base", "chat"]  # a typo in the list forgets nothing
+    removed = run_cli("alias", "rm", "chat", "base", "chat", "--json")
+    assert removed.exit_code == 0, removed.stderr
+    assert [row["name"] for row in json.loads(removed.stdout)] == ["chat", "base"]
+    assert load_aliases() == {}

@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 from mlxman.cli.options import JsonOption
 from mlxman.errors import MlxmanError
 from mlxman.files import exists
-from mlxman.library.aliases import Alias, load_aliases, remove_alias, set_alias
+from mlxman.library.aliases import Alias, load_aliases, remove_aliases, set_alias
 from mlxman.output import out
 
 SET_COMMAND = "set"
@@ -102,11 +102,9 @@ def rm(
     json_output: JsonOption = False,
 ) -> None:
     """Forget names; the models and adapters they stood for are left as they are."""
-    removed: list[dict[str, Any]] = []
-    for name in names:
-        alias = remove_alias(name)
-        removed.append(alias.as_dict())
-        if not json_output:
-            out.success(f"Removed {escape(name)} ({escape(alias.target)})")
+    removed = remove_aliases(names)  # all or none: a typo in the list forgets nothing
     if json_output:
-        out.json(removed)
+        out.json([alias.as_dict() for alias in removed])
+        return
+    for alias in removed:
+        out.success(f"Removed {escape(alias.name)} ({escape(alias.target)})")

@@ -232,12 +232,19 @@ def set_alias(name: str, target: str) -> tuple[Alias, Alias | None]:
 
 
 def remove_alias(name: str) -> Alias:
+    return remove_aliases([name])[0]
+
+
+def remove_aliases(names: list[str]) -> list[Alias]:
+    """Forget every name in ``names`` (each once, in order), or none when one of them is not a name."""
+    names = list(dict.fromkeys(names))
     with _locked() as aliases:
-        alias = aliases.pop(name, None)
-        if alias is None:
-            raise NotFoundError(f"No name '{name}'", "see `mlxman alias ls` for the names there are")
+        for name in names:
+            if name not in aliases:
+                raise NotFoundError(f"No name '{name}'", "see `mlxman alias ls` for the names there are")
+        removed = [aliases.pop(name) for name in names]
         _write(aliases)
-    return alias
+    return removed
 
 
 def _canonical(name: str, target: str) -> Alias:
