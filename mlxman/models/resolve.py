@@ -115,11 +115,23 @@ def _from_cache_layout(cache: Path, repo_id: str, revision: str | None) -> Path 
         try:
             commit = read_bounded(folder / "refs" / revision, REF_MAX_BYTES, "a cache ref").decode().strip()
         except (FileProblem, UnicodeDecodeError):
-            return None
+            commit = _short_commit(folder, revision) or ""
         if not _FULL_COMMIT.fullmatch(commit):
             return None
     snapshot = folder / "snapshots" / commit
     return snapshot if exists(snapshot / CONFIG_FILE) else None
+
+
+def _short_commit(folder: Path, revision: str) -> str | None:
+    """The one cached commit a short hash starts (huggingface_hub takes full hashes only; `pull` and `rm`
+    take short ones)."""
+    if not _SHORT_COMMIT.fullmatch(revision):
+        return None
+    try:
+        commits = [p.name for p in (folder / "snapshots").iterdir() if p.name.startswith(revision)]
+    except OSError:
+        return None
+    return commits[0] if len(commits) == 1 else None
 
 
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
@@ -132,15 +144,8 @@ def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    if revision is not None and _SHORT_COMMIT.fullmatch(revision):
-        # huggingface_hub finds a cached commit by its full hash only; `pull` and `rm` take a short one.
-        snapshots = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-        try:
-            commits = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
-        except OSError:
-            commits = []
-        if len(commits) == 1:
-            revision = commits[0]
+    if revision is not None:
+        revision = _short_commit(cache / ("models--" + repo_id.replace("/", "--")), revision) or revision
     try:
         found = snapshot_download(repo_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError as exc:
