@@ -379,3 +379,14 @@ def test_a_model_folder_that_is_not_one_says_what_it_is(
     problems = scan().problems
     assert problems[0] == f"model folder {tmp_path / 'gone'} is missing"
     assert "is a file" in problems[1] and "FIFO" in problems[2]
+
+
+def test_a_broken_names_file_is_a_warning_not_a_name(models_dir: Path, isolated_home: Path) -> None:
+    # `--json` readers get no made-up name "?": the listing's problems say what is wrong with the file.
+    (isolated_home / "aliases.json").write_text("[]")
+    data = ls_json()
+    assert data["names"] == [] and data["models"]
+    assert any("names file" in p and "list" in p for p in data["problems"])
+    table = run_cli("ls")
+    assert table.exit_code == 0 and "?" not in table.stdout
+    assert "Warning: " in table.stderr and "names file" in table.stderr

@@ -178,7 +178,7 @@ def scan(
         found_models, found_adapters = _folder_entries(root, problems)
         models.extend(found_models)
         adapters.extend(found_adapters)
-    names = list_names()
+    names = list_names(problems)
     # Matched on names alone first, so that `ls WORD` reads the headers of the matches only.
     models = [m for m in _attach(_dedupe(models), adapters, names) if _wanted(m, None, match)]
     models = [_describe(m, budget_bytes, context_tokens) if m.error is None else m for m in models]
@@ -216,15 +216,18 @@ def cached_models() -> list[ModelEntry]:
     return list(_cache_models(hf_cache_dir(), []))
 
 
-def list_names() -> list[NameEntry]:
-    """The names of ``mlxman alias``, each checked for a model (and adapter) still there."""
+def list_names(problems: list[str] | None = None) -> list[NameEntry]:
+    """The names of ``mlxman alias``, each checked for a model (and adapter) still there; a names file that
+    cannot be read gives none, and says why in ``problems``."""
     # Integration point with mlxman.library.aliases (the name store): read through its loader only.
     from mlxman.library.aliases import load_aliases
 
     try:
         aliases = load_aliases()
     except MlxmanError as exc:
-        return [NameEntry(name="?", model="?", adapter=None, target="?", error=exc.message)]
+        if problems is not None:
+            problems.append(f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
+        return []
     entries = []
     for alias in sorted(aliases.values(), key=lambda a: a.name):
         entries.append(
