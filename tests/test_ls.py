@@ -390,3 +390,17 @@ def test_a_broken_names_file_is_a_warning_not_a_name(models_dir: Path, isolated_
     table = run_cli("ls")
     assert table.exit_code == 0 and "?" not in table.stdout
     assert "Warning: " in table.stderr and "names file" in table.stderr
+
+
+def test_an_adapter_whose_base_is_a_name_is_listed_under_that_names_model(
+    models_dir: Path, demo_kit: DemoKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli("alias", "tiny", str(demo_kit.model)).exit_code == 0
+    adapters = tmp_path / "adapters"
+    copy = shutil.copytree(demo_kit.adapters["colors"], adapters / "colors-by-name")
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "model": "tiny"}))
+    monkeypatch.setenv("MLXMAN_MODEL_DIRS", f"{models_dir}:{adapters}")
+    models = by_id(ls_json())
+    assert "tiny" not in models
+    assert "colors-by-name" in [a["name"] for a in models[str(demo_kit.model.resolve())]["adapters"]]

@@ -541,8 +541,11 @@ def _attach(
             keys.setdefault(key, i)
     under: dict[int, list[AdapterEntry]] = {}
     missing: dict[str, list[AdapterEntry]] = {}
+    # A base recorded as a name (`mlxman alias`) is the model that name stands for.
+    by_name = {n.name: normal_spec(n.model) for n in names if n.adapter is None}
     for adapter in adapters:
-        index = next((keys[k] for k in _base_keys(adapter) if k in keys), None)
+        wanted = _base_keys(adapter) + ([by_name[adapter.base]] if adapter.base in by_name else [])
+        index = next((keys[k] for k in wanted if k in keys), None)
         base = _base_folder(adapter) if index is None else None
         if base is not None:
             # A base folder outside the model folders is still on this machine: `--model` takes it.
