@@ -404,3 +404,12 @@ def test_an_adapter_whose_base_is_a_name_is_listed_under_that_names_model(
     models = by_id(ls_json())
     assert "tiny" not in models
     assert "colors-by-name" in [a["name"] for a in models[str(demo_kit.model.resolve())]["adapters"]]
+
+
+def test_kind_keeps_the_names_of_that_kind(models_dir: Path, demo_kit: DemoKit) -> None:
+    assert run_cli("alias", "tiny", str(demo_kit.model)).exit_code == 0
+    assert run_cli("alias", "tiny-colors", f"{demo_kit.model}::{demo_kit.adapters['colors']}").exit_code == 0
+    assert run_cli("alias", "emb", str(demo_kit.embeddings_model)).exit_code == 0
+    assert [n["name"] for n in ls_json("--kind", "embeddings")["names"]] == ["emb"]
+    assert [n["name"] for n in ls_json("--kind", "text")["names"]] == ["tiny", "tiny-colors"]
+    assert [n["name"] for n in ls_json()["names"]] == ["emb", "tiny", "tiny-colors"]

@@ -185,6 +185,9 @@ def scan(
     models = [m for m in models if _wanted(m, kind, None)]
     if match:
         names = [n for n in names if match.lower() in f"{n.name} {n.target}".lower()]
+    if kind is not None:  # the names of the models listed, not those of other kinds
+        listed = {key for m in models for key in _model_keys(m)}
+        names = [n for n in names if normal_spec(n.model) in listed]
     return Library(
         models=models,
         names=names,
