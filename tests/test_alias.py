@@ -54,12 +54,16 @@ def test_good_names(name: str) -> None:
         ("a:b:c", "characters a name cannot have"),
         ("-x", "characters a name cannot have"),
         ("café", "characters a name cannot have"),
+        # The words of `mlxman alias` itself: `mlxman alias ls MODEL` could not name anything.
+        ("ls", "a command of `mlxman alias`"),
+        ("rm", "a command of `mlxman alias`"),
+        ("set", "a command of `mlxman alias`"),
     ],
 )
 def test_bad_names_say_why(name: str, why: str) -> None:
     with pytest.raises(UsageError, match=why):
         check_name(name)
-    assert not aliases.looks_like_name(name)
+    assert not aliases.looks_like_name(name) or name in aliases.RESERVED_NAMES
 
 
 def test_targets_are_stored_absolute_and_the_file_is_written_whole(

@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 ALIASES_MAX_BYTES = 4 * 1024 * 1024
 MAX_NAME_CHARS = 64
 SEPARATOR = "::"  # as in pool keys: MODEL::ADAPTER
+# The commands of `mlxman alias`: `mlxman alias ls MODEL` runs `alias ls`, so these could never be named so.
+RESERVED_NAMES = frozenset({"ls", "rm", "set"})
 # Letters, digits, '.', '_', '-', starting with a letter or digit, and an optional Ollama-style ':tag'.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9._-]+)?")
 
@@ -79,6 +81,8 @@ def check_name(name: str) -> None:
         raise UsageError(f"The name is {len(name)} characters long, over {MAX_NAME_CHARS}", use)
     if not looks_like_name(name):
         raise UsageError(f"The name {name!r} has characters a name cannot have", use)
+    if name in RESERVED_NAMES:
+        raise UsageError(f"The name {name!r} is a command of `mlxman alias`", "choose another name")
 
 
 # -- reading ----------------------------------------------------------------------------------------------
