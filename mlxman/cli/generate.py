@@ -122,7 +122,7 @@ def generate(
             backend=backend,
             shard=shard,
             rank_timeout=rank_timeout,
-            model=model,
+            model=base if all(a is None for a in adapters) else model,
             adapters=adapters,
             request=request,
             json_output=json_output,
