@@ -27,7 +27,8 @@ from mlx.nn.layers.linear import Linear
 def column_major_linears(model: Any) -> int:
     """Store every float32 ``Linear`` and ``Embedding`` weight of ``model`` column-major when MLX computes on
     the CPU; returns how many weights were re-laid (0 on a GPU). Each weight is copied and evaluated on its
-    own, so the extra memory while this runs is one weight at most. Doing it again changes nothing."""
+    own, so the extra memory while this runs is one weight at most (an old weight still referenced elsewhere
+    stays as well). Doing it again changes nothing."""
     if mx.default_device().type != mx.DeviceType.cpu:
         return 0
     count = 0
