@@ -145,3 +145,20 @@ def test_a_cached_commit_is_found_by_its_short_hash(tmp_path: Path, monkeypatch:
         resolve_model("org/tiny@3e2")  # too short to be a commit: a branch or tag name, not cached
     with pytest.raises(NotFoundError):
         resolve_model("org/tiny@abcdef0")
+
+
+def test_a_cached_adapter_repo_given_as_a_model_says_what_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `pull ORG/LORA` caches an adapter; `-m ORG/LORA` said "not in the cache, pull it" (a loop).
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    revision = "e" * 40
+    snapshot = fake_hub_cache(tmp_path, "org/lora", revision)
+    (snapshot / "config.json").unlink()
+    (snapshot / "adapter_config.json").write_text(json.dumps({"model": "org/tiny", "fine_tune_type": "lora"}))
+    with pytest.raises(ModelError) as raised:
+        resolve_model("org/lora")
+    assert "is an adapter" in raised.value.message and "pull" not in str(raised.value.hint)
+    assert str(snapshot) in str(raised.value.hint) and "org/tiny" in str(raised.value.hint)

@@ -22,6 +22,7 @@ from mlxman.files import (
 from mlxman.library.aliases import errors_about, lookup, model_only
 
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 # A revision of 7 to 39 lowercase hex digits may be a commit's short hash (git's shortest is 7).
 _SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -80,6 +81,7 @@ def _resolve_spec(spec: str, revision: str | None) -> ResolvedModel:
         )
     path = _from_hf_cache(spec, revision)
     if path is None:
+        _not_a_model_but_an_adapter(spec, revision)
         wanted = f"{spec}@{revision}" if revision else spec
         raise NotFoundError(
             f"Model {spec} is not a local directory and is not in the Hugging Face cache",
@@ -106,6 +108,11 @@ def _from_cache_layout(cache: Path, repo_id: str, revision: str | None) -> Path 
     """The snapshot a ref (or a full commit) names, read by the cache's documented layout: the common case
     without importing huggingface_hub's download client (its HTTP stack), which `alias ls` and the server's
     name lookups would otherwise pay for."""
+    snapshot = _cached_snapshot(cache, repo_id, revision)
+    return snapshot if snapshot is not None and exists(snapshot / CONFIG_FILE) else None
+
+
+def _cached_snapshot(cache: Path, repo_id: str, revision: str | None) -> Path | None:
     revision = revision or "main"
     if ".." in revision.split("/") or revision.startswith("/"):
         return None
@@ -119,7 +126,26 @@ def _from_cache_layout(cache: Path, repo_id: str, revision: str | None) -> Path 
         if not _FULL_COMMIT.fullmatch(commit):
             return None
     snapshot = folder / "snapshots" / commit
-    return snapshot if exists(snapshot / CONFIG_FILE) else None
+    return snapshot if exists(snapshot) else None
+
+
+def _not_a_model_but_an_adapter(repo_id: str, revision: str | None) -> None:
+    """ModelError when the cache holds ``repo_id`` as an adapter repo (`mlxman pull` fetches those too)."""
+    from huggingface_hub import constants
+
+    snapshot = _cached_snapshot(Path(constants.HF_HUB_CACHE), repo_id, revision)
+    if snapshot is None or not exists(snapshot / ADAPTER_CONFIG_FILE):
+        return
+    try:
+        config = read_json_object(snapshot / ADAPTER_CONFIG_FILE, CONFIG_MAX_BYTES, "an adapter config")
+    except (FileProblem, ValueError):
+        config = {}
+    base = config.get("model") or config.get("base_model_name_or_path")
+    model = base if isinstance(base, str) and base else "its base model"
+    raise ModelError(
+        f"{repo_id} is an adapter (in the Hugging Face cache), not a model",
+        f"pass --model {model} --adapter {snapshot}",
+    )
 
 
 def _short_commit(folder: Path, revision: str) -> str | None:
