@@ -161,4 +161,23 @@ def test_a_cached_adapter_repo_given_as_a_model_says_what_it_is(
     with pytest.raises(ModelError) as raised:
         resolve_model("org/lora")
     assert "is an adapter" in raised.value.message and "pull" not in str(raised.value.hint)
-    assert str(snapshot) in str(raised.value.hint) and "org/tiny" in str(raised.value.hint)
+    assert "--model org/tiny --adapter org/lora" in str(raised.value.hint)
+
+
+def test_a_cached_adapter_repo_is_an_adapter_by_its_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `ls` lists a pulled adapter by its id (`└ org/lora`): --adapter takes that id too.
+    import huggingface_hub.constants
+
+    from mlxman.pool.keys import resolve_adapter_dir
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    snapshot = fake_hub_cache(tmp_path / "hub", "org/lora", "e" * 40)
+    (snapshot / "config.json").unlink()
+    (snapshot / "adapter_config.json").write_text(json.dumps({"model": "org/tiny", "fine_tune_type": "lora"}))
+    assert resolve_adapter_dir("org/lora") == snapshot.resolve()
+    assert resolve_adapter_dir(f"org/lora@{'e' * 7}") == snapshot.resolve()
+    with pytest.raises(NotFoundError, match="does not exist"):
+        resolve_adapter_dir("org/missing")

@@ -129,12 +129,21 @@ def _cached_snapshot(cache: Path, repo_id: str, revision: str | None) -> Path | 
     return snapshot if exists(snapshot) else None
 
 
-def _not_a_model_but_an_adapter(repo_id: str, revision: str | None) -> None:
-    """ModelError when the cache holds ``repo_id`` as an adapter repo (`mlxman pull` fetches those too)."""
+def cached_adapter(spec: str) -> Path | None:
+    """The snapshot of a cached adapter repo named ``ORG/NAME[@REVISION]`` (as `ls` lists it), else None."""
     from huggingface_hub import constants
 
-    snapshot = _cached_snapshot(Path(constants.HF_HUB_CACHE), repo_id, revision)
-    if snapshot is None or not exists(snapshot / ADAPTER_CONFIG_FILE):
+    repo_id, _, revision = spec.partition("@")
+    if not looks_like_repo_id(repo_id):
+        return None
+    snapshot = _cached_snapshot(Path(constants.HF_HUB_CACHE), repo_id, revision or None)
+    return snapshot if snapshot is not None and exists(snapshot / ADAPTER_CONFIG_FILE) else None
+
+
+def _not_a_model_but_an_adapter(repo_id: str, revision: str | None) -> None:
+    """ModelError when the cache holds ``repo_id`` as an adapter repo (`mlxman pull` fetches those too)."""
+    snapshot = cached_adapter(f"{repo_id}@{revision}" if revision else repo_id)
+    if snapshot is None:
         return
     try:
         config = read_json_object(snapshot / ADAPTER_CONFIG_FILE, CONFIG_MAX_BYTES, "an adapter config")
@@ -144,7 +153,7 @@ def _not_a_model_but_an_adapter(repo_id: str, revision: str | None) -> None:
     model = base if isinstance(base, str) and base else "its base model"
     raise ModelError(
         f"{repo_id} is an adapter (in the Hugging Face cache), not a model",
-        f"pass --model {model} --adapter {snapshot}",
+        f"pass --model {model} --adapter {repo_id}",
     )
 
 

@@ -9,7 +9,7 @@ from mlxman.adapters.formats import CONFIG_FILE, MLX_WEIGHTS
 from mlxman.errors import AdapterError, NotFoundError
 from mlxman.files import MISSING, path_problem, shown_path
 from mlxman.library.aliases import errors_about, lookup
-from mlxman.models.resolve import ResolvedModel, resolve_model
+from mlxman.models.resolve import ResolvedModel, cached_adapter, resolve_model
 
 SEPARATOR = "::"
 # The adapter package owns the mlx-lm file names and the bounded config reader; the pool uses the same ones.
@@ -31,6 +31,9 @@ def resolve_adapter_dir(spec: str) -> Path:
     """The absolute directory of an mlx-lm adapter, so ``./a`` and ``/abs/a`` name one entry."""
     given = Path(spec).expanduser()
     problem = path_problem(given, want_dir=True)
+    cached = cached_adapter(spec) if problem == MISSING else None
+    if cached is not None:  # an adapter repo in the Hugging Face cache, by its id (as `ls` lists it)
+        given, problem = cached, None
     if problem == MISSING:
         raise NotFoundError(f"Adapter path {spec} does not exist", "check the path to the adapter directory")
     if problem:
