@@ -302,6 +302,31 @@ def test_kv_is_admitted_against_the_budget_before_a_row_joins(
         engine.close()
 
 
+def test_a_higher_rank_widens_the_slots_within_the_budget_and_counts_their_real_bytes(
+    endless_model: Path, adapters: dict[str, AdapterWeights], adapter_dirs: dict[str, Path]
+) -> None:
+    from mlx_lm import load
+
+    model, tokenizer = load(str(endless_model))[:2]
+    bank = SlotBank(model, slots=2, max_rank=16)
+    grant = Grant(1 << 30)
+    engine = Engine(model, tokenizer, bank=bank, grant=grant)
+    try:
+        submit(engine, PROMPTS[0], adapters["small"], max_tokens=4).result(timeout=60)
+        narrow = engine.status().slot_bytes
+        asked = bank.growth_bytes(adapters["colors"])
+        ticket = submit(engine, PROMPTS[0], adapters["colors"], max_tokens=10)  # rank 8: the stacks widen
+        want = serial_answer(endless_model, adapter_dirs["colors"], tokens_for(engine, PROMPTS[0]), 10)
+        assert ticket.result(timeout=60)[0] == want
+        status = engine.status()
+        assert bank.width == 8
+        real = sum(int(m._stack.a.nbytes + m._stack.b.nbytes) for m in bank._targets.values())
+        assert status.slot_bytes == real + bank.size * 4 == narrow + asked
+        assert grant.held == status.slot_bytes + status.prefix_bytes
+    finally:
+        engine.close()
+
+
 def test_more_adapters_than_slots_take_turns(
     endless_model: Path, adapters: dict[str, AdapterWeights], adapter_dirs: dict[str, Path]
 ) -> None:

@@ -140,6 +140,48 @@ def test_memory_counts_every_targeted_linear(demo_kit: DemoKit, adapters: dict[s
     assert bank.growth_bytes(read_adapter(adapters["numbers"])) == 0
 
 
+def stack_bytes(model: Any, bank: SlotBank) -> int:
+    """The bytes of the arrays the model's slot linears really hold, plus the scales."""
+    stacks = {id(m._stack): m._stack for _, m in model.named_modules() if isinstance(m, SlotLinear)}
+    return sum(int(s.a.nbytes) + int(s.b.nbytes) for s in stacks.values()) + bank.size * 4
+
+
+def test_stacks_are_as_wide_as_the_largest_rank_resident(
+    demo_kit: DemoKit, adapters: dict[str, Path]
+) -> None:
+    model = load(demo_kit.model)
+    bank = SlotBank(model, slots=2, max_rank=16)
+    small, colors = read_adapter(adapters["small"]), read_adapter(adapters["colors"])
+    s = bank.acquire(small)
+    assert bank.width == 4 and bank.nbytes == stack_bytes(model, bank)
+    before, growth = bank.nbytes, bank.growth_bytes(colors)
+    c = bank.acquire(colors)  # rank 8: the small adapter's stacks are re-padded, not lost
+    assert bank.width == 8
+    assert bank.nbytes == stack_bytes(model, bank) == before + growth
+    assert {tuple(m._stack.a.shape) for _, m in model.named_modules() if isinstance(m, SlotLinear)} >= {
+        (3, 64, 8)
+    }
+
+    rows = [s, c, 0, c, s]
+    tokens = prompts(len(rows), 9)
+    bank.select(rows)  # type: ignore[arg-type]
+    logits = model(tokens)
+    for adapter, slot in (("small", s), ("colors", c)):
+        want = load(demo_kit.model, adapters[adapter])(tokens)
+        for i, row in enumerate(rows):
+            if row == slot:
+                assert mx.abs(logits[i] - want[i]).max().item() <= TOLERANCE
+
+    assert c is not None
+    bank.release(c)
+    bank.clear_slot(c)  # the rank-8 adapter left: the stacks narrow back to rank 4
+    assert bank.width == 4 and bank.nbytes == stack_bytes(model, bank)
+    assert s is not None
+    bank.select([s])
+    want = load(demo_kit.model, adapters["small"])(tokens[:1])
+    assert mx.abs(model(tokens[:1]) - want).max().item() <= TOLERANCE
+
+
 def test_what_cannot_use_a_slot_says_why(
     demo_kit: DemoKit, adapters: dict[str, Path], tmp_path: Path
 ) -> None:

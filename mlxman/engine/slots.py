@@ -1,8 +1,10 @@
 """Per-row LoRA slots on one resident base: each row of a batch wears its own adapter in one forward pass.
 
-Each targeted linear gets a ``SlotLinear`` holding stacked ``A [S, in, r_max]`` and ``B [S, r_max, out]``;
-the bank holds one ``scale [S]``. Slot 0 is "no adapter" and stays zero. Before each forward the caller names
-every row's slot (``SlotBank.select``); the LoRA term is gathered per row (``mx.gather_mm``, ``rhs_indices``).
+Each targeted linear gets a ``SlotLinear`` holding stacked ``A [S, in, r]`` and ``B [S, r, out]``; the bank
+holds one ``scale [S]``. Slot 0 is "no adapter" and stays zero. Before each forward the caller names every
+row's slot (``SlotBank.select``); the LoRA term is gathered per row (``mx.gather_mm``, ``rhs_indices``).
+The stacks are ``r`` wide, the largest rank resident (never above ``max_rank``): they widen when a higher-rank
+adapter is written and narrow when it leaves, so rank-8 adapters under a rank-16 limit do not multiply zeros.
 Lower ranks are zero-padded and modules or layers an adapter lacks stay zero, which adds exact zeros.
 """
 
@@ -66,8 +68,8 @@ class RowSelection:
 
 @dataclass(eq=False)
 class _Stack:
-    a: mx.array  # [S, in, r_max]
-    b: mx.array  # [S, r_max, out]
+    a: mx.array  # [S, in, r]
+    b: mx.array  # [S, r, out]
     occupied: set[int] = field(default_factory=set)
 
     @property
@@ -128,6 +130,11 @@ def slot_problem(adapter: AdapterWeights, modules: dict[str, Any], max_rank: int
     return None
 
 
+def adapter_rank(adapter: AdapterWeights) -> int:
+    """The largest LoRA rank among ``adapter``'s modules (0 for an adapter with no lora_a)."""
+    return max((int(t.shape[1]) for n, t in adapter.weights.items() if n.endswith(".lora_a")), default=0)
+
+
 def _pairs(adapter: AdapterWeights) -> dict[str, dict[str, mx.array]]:
     """Adapter tensors grouped by module path: {path: {leaf: tensor}}."""
     pairs: dict[str, dict[str, mx.array]] = {}
@@ -149,6 +156,7 @@ class SlotBank:
         self.model = model
         self.size = slots + 1  # slot 0 is the plain base
         self.max_rank = max_rank
+        self.width = 0  # the stacks' rank: the largest resident adapter's
         self.rows = RowSelection()
         self._modules: dict[str, Any] = dict(model.named_modules())
         first = next((m for m in self._modules.values() if linear_dims(m) is not None), None)
@@ -215,7 +223,8 @@ class SlotBank:
         return empty[0] if empty else min(free, key=lambda s: self._used[s])
 
     def write_slot(self, slot: int, adapter: AdapterWeights) -> None:
-        """Load ``adapter`` into ``slot`` (replacing what it held); its rank is zero-padded to the maximum."""
+        """Load ``adapter`` into ``slot`` (replacing what it held); its rank is zero-padded to the stacks'
+        width, which first widens (or narrows) to the largest rank resident with it."""
         if not 1 <= slot < self.size:
             raise ValueError(f"slot {slot} is outside 1..{self.size - 1}")
         if self._active[slot]:
@@ -223,7 +232,8 @@ class SlotBank:
         why = self.problem(adapter)
         if why is not None:
             raise UsageError(f"Adapter {adapter.path} cannot use a slot: {why}", "run it on the swap path")
-        self.clear_slot(slot)
+        self._clear(slot)
+        self._fit_width(max(adapter_rank(adapter), self._resident_rank()))
         written: list[mx.array] = []
         for path, pair in _pairs(adapter).items():
             stack = self._stack(path)
@@ -238,7 +248,12 @@ class SlotBank:
         self._adapters[slot] = adapter
 
     def clear_slot(self, slot: int) -> None:
-        """Zero ``slot``; targets no slot uses any more go back to their plain base linear."""
+        """Zero ``slot``; targets no slot uses any more go back to their plain base linear, and the stacks
+        narrow to the largest rank still resident."""
+        self._clear(slot)
+        self._fit_width(self._resident_rank())
+
+    def _clear(self, slot: int) -> None:
         if self._active[slot]:
             raise RuntimeError(f"slot {slot} has {self._active[slot]} active row(s)")
         if self._adapters[slot] is None:
@@ -256,6 +271,27 @@ class SlotBank:
         self._scales[slot] = 0
         self._adapters[slot] = None
 
+    def _resident_rank(self) -> int:
+        return max((adapter_rank(a) for a in self._adapters if a is not None), default=0)
+
+    def _fit_width(self, width: int) -> None:
+        """Re-pad (or cut) every stack to rank ``width``; what lies beyond a resident rank is zero, so cutting
+        drops only zeros. One stack at a time, so the extra memory while this runs is one stack at most."""
+        if width == self.width:
+            return
+        keep = min(width, self.width)
+        for stack in self._stacks.values():
+            size, in_dims, _ = stack.a.shape
+            out_dims = stack.b.shape[2]
+            a = mx.zeros((size, in_dims, width), self.dtype)
+            b = mx.zeros((size, width, out_dims), self.dtype)
+            if keep:
+                a[:, :, :keep] = stack.a[:, :, :keep]
+                b[:, :keep, :] = stack.b[:, :keep, :]
+            mx.eval(a, b)
+            stack.a, stack.b = a, b
+        self.width = width
+
     def _stack(self, path: str) -> _Stack:
         stack = self._stacks.get(path)
         if stack is not None:
@@ -265,8 +301,8 @@ class SlotBank:
         assert dims is not None
         in_dims, out_dims = dims
         stack = _Stack(
-            a=mx.zeros((self.size, in_dims, self.max_rank), self.dtype),
-            b=mx.zeros((self.size, self.max_rank, out_dims), self.dtype),
+            a=mx.zeros((self.size, in_dims, self.width), self.dtype),
+            b=mx.zeros((self.size, self.width, out_dims), self.dtype),
         )
         self._stacks[path] = stack
         self._targets[path] = SlotLinear(base, stack, self.rows, self.dtype)
@@ -326,15 +362,21 @@ class SlotBank:
         return sum(s.nbytes for s in self._stacks.values()) + int(self._scales.nbytes)
 
     def growth_bytes(self, adapter: AdapterWeights) -> int:
-        """Bytes writing ``adapter`` would add: stacks for linears no resident adapter targets yet."""
+        """Bytes writing ``adapter`` would add: stacks for linears no resident adapter targets yet, and the
+        widening of every stack when its rank is above the stacks' width. The adapter it replaces is not
+        subtracted: the write may free bytes, never take more than this."""
         itemsize = self.dtype.size
+        width = max(self.width, adapter_rank(adapter))
         total = 0
+        for stack in self._stacks.values():
+            in_dims, out_dims = stack.a.shape[1], stack.b.shape[2]
+            total += self.size * (width - self.width) * (in_dims + out_dims) * itemsize
         for path in _pairs(adapter):
             if path in self._stacks:
                 continue
             dims = linear_dims(self._modules.get(path))
             if dims is not None:
-                total += self.size * self.max_rank * (dims[0] + dims[1]) * itemsize
+                total += self.size * width * (dims[0] + dims[1]) * itemsize
         return total
 
     def targets(self) -> Iterable[str]:
