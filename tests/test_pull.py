@@ -366,6 +366,15 @@ def test_rm_names_the_names_it_leaves_without_a_target(hub: LocalHub, hf_home: P
     assert "mlxman alias rm pair" in gone.stderr
 
 
+def test_pull_of_a_name_says_what_it_stands_for(tmp_path: Path, demo_kit: DemoKit) -> None:
+    from tests.helpers import run_cli
+
+    assert run_cli("alias", "chat", str(demo_kit.model)).exit_code == 0
+    result = run_cli("pull", "chat")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: 'chat' is a name for ")
+    assert str(demo_kit.model) in result.stderr and "nothing to pull" in result.stderr
+
+
 def test_rm_yes_json_says_what_was_freed(hub: LocalHub, hf_home: Path, repos: list[HubRepo]) -> None:
     assert mlxman(hub, hf_home, "pull", MODEL).returncode == 0
     proc = mlxman(hub, hf_home, "rm", MODEL, "--yes", "--json")

@@ -29,7 +29,15 @@ def pull(
 ) -> None:
     """Download a model or adapter from the Hugging Face Hub (only the files MLX loads), then check it."""
     from mlxman.library import hub
+    from mlxman.library.aliases import lookup
 
+    alias = lookup(repo.strip())
+    if alias is not None:  # a name is no Hugging Face id (it has no '/'): say what it stands for
+        local = alias.model.startswith("/")
+        raise UsageError(
+            f"'{alias.name}' is a name for {alias.target}",
+            "its model is a folder here: nothing to pull" if local else f"run `mlxman pull {alias.model}`",
+        )
     spec = hub.parse_spec(repo)
     with _progress_bar(spec.text) as progress:
         result = hub.pull(spec, progress, on_plan=_narrate_plan)
