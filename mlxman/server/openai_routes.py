@@ -115,7 +115,7 @@ async def _complete(
     else:
         job = GenerationJob(ref.model, acquire, generation, body.stop_sequences())
     state.submit(job)
-    shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.key)
+    shape = _Shape("chat" if isinstance(body, ChatCompletionRequest) else "text", ref.shown)
     if not body.stream:
         try:
             return await _collect(state, job, shape, prefix, request)
@@ -302,7 +302,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         with state.pool.acquire(ref.model, ref.adapter, keep_alive=keep_alive) as lease:
             if lease.kind != "embeddings":
                 raise UsageError(
-                    f"{ref.key} is a {lease.kind} model, not an embeddings model",
+                    f"{ref.shown} is a {lease.kind} model, not an embeddings model",
                     "name an embeddings model (such as a sentence-transformers BERT) in `model`",
                 )
             return embed_texts(lease.model, lease.tokenizer, texts)
@@ -314,7 +314,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         for i, vector in enumerate(result.vectors)
     ]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return JSONResponse({"object": "list", "data": data, "model": ref.key, "usage": usage})
+    return JSONResponse({"object": "list", "data": data, "model": ref.shown, "usage": usage})
 
 
 def _encode(vector: list[float], encoding: str) -> Any:

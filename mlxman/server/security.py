@@ -7,7 +7,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 
@@ -84,10 +84,17 @@ class ModelRef:
 
     model: str
     adapter: str | None = None
+    # The name (``mlxman alias``) the request used, if it used one: answers carry it, never its target.
+    name: str | None = None
 
     @property
     def key(self) -> str:
         return f"{self.model}{KEY_SEPARATOR}{self.adapter}" if self.adapter else self.model
+
+    @property
+    def shown(self) -> str:
+        """What an answer's ``model`` says: the name asked for, else the pool's key."""
+        return self.name or self.key
 
 
 def split_key(spec: str) -> tuple[str, str | None]:
@@ -127,7 +134,7 @@ class PathPolicy:
             check_names(adapter_part, "adapter")
         alias = lookup_alias(model_part)
         if alias is not None:
-            return self._resolve_alias(alias, adapter_part, loaded)
+            return replace(self._resolve_alias(alias, adapter_part, loaded), name=spec)
         return self._resolve(model_part, adapter_part, loaded)
 
     def _resolve_alias(self, alias: Alias, adapter_part: str | None, loaded: Collection[str]) -> ModelRef:
