@@ -652,6 +652,22 @@ def test_serve_hosts_stop_sequences_clients_that_leave_and_shutdown(
         after = server.post("/v1/completions", {"model": endless, "prompt": "hi", "max_tokens": 2})
         assert after.status_code == 200
         assert re.search(r"cmpl-\w+: \d+ tokens, cancelled", server.log_text())
+        # One that leaves while another request holds the ranks is dropped when its turn comes.
+        streamed_long = {**long, "stream": True}
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json=streamed_long, timeout=RUN_LIMIT
+        ) as held:
+            lines = held.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(lines)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.url + "/v1/completions", json=long, timeout=1.0)
+            left = lambda: server.log_text().count("the client left") == 2  # noqa: E731
+            wait_until(left, RUN_LIMIT, "the server to see the waiting client leave")
+        wait_until(
+            lambda: "cancelled before it started" in server.log_text(),
+            RUN_LIMIT,
+            "the waiting one to be dropped",
+        )
 
         # Ctrl-C or SIGTERM while a request runs: that request ends, every rank leaves, the server exits 0.
         ranks = _rank_processes(server.process.pid)

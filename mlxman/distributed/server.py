@@ -177,6 +177,10 @@ class ShardedService:
         if self.group is not None:
             self.group.cancel(request_id)
 
+    def admit(self, request_id: str) -> None:
+        """Count a request as asked for before it reaches a worker thread, so that a cancel finds it."""
+        self.active.add(request_id)
+
     def stop_all(self) -> None:
         """The server is stopping: what runs ends at the ranks' next check, what waits is refused."""
         self.stopping = True
@@ -347,6 +351,7 @@ def create_sharded_app(service: ShardedService, api_key: str | None = None) -> F
             )
         pieces: list[str] = []
         # A client that leaves a non-streamed request cancels it too (on every rank, or before it starts).
+        service.admit(rid)
         watch = asyncio.create_task(_cancel_on_disconnect(service, request, rid))
         try:
             stats = await asyncio.to_thread(service.ask, adapter, fields, pieces.append, rid, stops)
@@ -368,10 +373,12 @@ def create_sharded_app(service: ShardedService, api_key: str | None = None) -> F
 
 
 async def _cancel_on_disconnect(service: ShardedService, request: Request, rid: str) -> None:
-    # A blocking receive, not polling ``is_disconnected``: behind an ``http`` middleware that poll never
+    # A blocking receive, not polling ``is_disconnected``: behind the ``http`` middleware that poll never
     # sees the disconnect (its receive is cancelled before the middleware's task can pass one on).
     while (await request.receive())["type"] != "http.disconnect":
         await asyncio.sleep(0.25)
+    if rid in service.active:
+        service.narrate(f"{rid}: the client left")
     service.cancel(rid)
 
 
