@@ -97,11 +97,13 @@ def test_malformed_hostfile_lists_every_problem(tmp_path: Path) -> None:
         "hosts[0] has no 'ssh'",
         "'not-an-ip', which is not an IP",
         "hosts[1] has no 'ssh'",
-        "hosts[2] is a JSON str",
+        "hosts[2] is a JSON string",
         "hosts[3].memory_limit",
         "needs 'ips' for every host",
     ):
         assert part in message
+    with pytest.raises(UsageError, match="it holds a JSON null, not a list of hosts"):
+        parse_hostfile(None, tmp_path / "h.json")
     with pytest.raises(UsageError, match="at least 2"):
         parse_hostfile([LOOPBACK], tmp_path / "h.json")
     with pytest.raises(UsageError, match="JACCL needs one per host"):
@@ -708,3 +710,28 @@ def test_serve_hosts_checks_its_flags_and_adapters_before_any_rank_starts(
     # Two spellings of one folder are one model.
     spelled = _run("serve", "--hosts", str(hosts), "--preload", base + "/", "--preload", f"{base}::/no/such")
     assert "serves one model" not in spelled.stderr and "Adapter path /no/such" in spelled.stderr
+
+
+def test_ctrl_c_on_generate_hosts_stops_every_rank(endless_model: Path, hosts: Path) -> None:
+    argv = [*MLXMAN, "generate", "--hosts", str(hosts), "-m", str(endless_model), "-p", "hi"]
+    proc = subprocess.Popen(
+        [*argv, "--max-tokens", "3000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.read(1)  # generating
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=RUN_LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert out.endswith(b"\n") and "Traceback" not in err.decode()
+    assert err.decode().strip().splitlines()[-1] == "Error: Interrupted; generation stopped on every rank"
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

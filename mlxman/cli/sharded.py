@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 
 from mlxman.answers import Answer
-from mlxman.errors import UsageError
+from mlxman.errors import Interrupted, UsageError
 from mlxman.generate import GenerationRequest, GenerationStats
 from mlxman.memory import format_bytes
 from mlxman.output import out
@@ -132,7 +132,12 @@ def generate_sharded(
             answers.append({**answer.as_dict(), "shard": shard, "swap": state["swap"], "ranks": ranks})
 
     asked = {f: getattr(request, f) for f in fields}
-    run_sharded(job, [(a, asked) for a in adapter_dirs], on_event)
+    try:
+        run_sharded(job, [(a, asked) for a in adapter_dirs], on_event)
+    except KeyboardInterrupt:
+        if not json_output and "current" in state:
+            out.text("")  # the partial answer's line ends before the error
+        raise Interrupted("Interrupted; generation stopped on every rank") from None
     if json_output:
         out.json(answers)
 

@@ -63,6 +63,12 @@ def _problem(path: Path, problems: list[str]) -> UsageError:
     )
 
 
+def _json_type(value: Any) -> str:
+    """What JSON calls the type of a decoded value (``null``, not Python's ``NoneType``)."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
@@ -70,7 +76,7 @@ def _strings(value: Any) -> bool:
 def _host(index: int, raw: Any, problems: list[str]) -> Host | None:
     where = f"hosts[{index}]"
     if not isinstance(raw, dict):
-        problems.append(f"{where} is a JSON {type(raw).__name__}, not an object with 'ssh' and 'ips'")
+        problems.append(f"{where} is a JSON {_json_type(raw)}, not an object with 'ssh' and 'ips'")
         return None
     ssh = raw.get("ssh")
     if not isinstance(ssh, str) or not ssh.strip():
@@ -118,7 +124,7 @@ def parse_hostfile(doc: Any, path: Path, backend: str | None = None) -> Hostfile
     elif isinstance(doc, list):
         raw_hosts = doc
     else:
-        raise _problem(path, [f"it holds a JSON {type(doc).__name__}, not a list of hosts"])
+        raise _problem(path, [f"it holds a JSON {_json_type(doc)}, not a list of hosts"])
     if not _strings(envs) or not all("=" in e for e in envs):
         problems.append("'envs' must be a list of NAME=VALUE strings")
         envs = []
