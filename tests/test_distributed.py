@@ -643,9 +643,19 @@ def test_serve_hosts_stop_sequences_clients_that_leave_and_shutdown(
         assert choice["message"]["content"] == whole[: whole.index("demo")]
         assert choice["finish_reason"] == "stop"
         streamed = server.openai().chat.completions.create(
-            model=endless, messages=chat["messages"], max_tokens=24, stop="demo", stream=True
+            model=endless,
+            messages=chat["messages"],
+            max_tokens=24,
+            stop="demo",
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole[: whole.index("demo")]
+        chunks = list(streamed)
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            == whole[: whole.index("demo")]
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
         # A client that leaves a non-streamed request cancels it on every rank too.
         long = {"model": endless, "prompt": "hi", "max_tokens": 3000}

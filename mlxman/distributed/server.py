@@ -346,7 +346,7 @@ def create_sharded_app(service: ShardedService, api_key: str | None = None) -> F
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
-                _sse(service, adapter, fields, rid, created, body.model, chat, stops),
+                _sse(service, adapter, fields, rid, created, body.model, chat, stops, body.include_usage()),
                 media_type="text/event-stream",
             )
         pieces: list[str] = []
@@ -419,6 +419,7 @@ async def _sse(
     model: str,
     chat: bool,
     stops: Sequence[str] = (),
+    include_usage: bool = False,
 ) -> AsyncIterator[str]:
     """Server-sent events of one request; the generation runs on its own thread, feeding a queue.
 
@@ -457,6 +458,9 @@ async def _sse(
             elif kind == "end":
                 finished = True
                 yield chunk("", _finish(value))
+                if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": []}
+                    yield f"data: {json.dumps({**body, 'usage': _usage(value)})}\n\n"
                 break
             else:
                 finished = True
