@@ -279,15 +279,15 @@ class SlotBank:
         drops only zeros. One stack at a time, so the extra memory while this runs is one stack at most."""
         if width == self.width:
             return
-        keep = min(width, self.width)
+        grow = width - self.width
         for stack in self._stacks.values():
-            size, in_dims, _ = stack.a.shape
-            out_dims = stack.b.shape[2]
-            a = mx.zeros((size, in_dims, width), self.dtype)
-            b = mx.zeros((size, width, out_dims), self.dtype)
-            if keep:
-                a[:, :, :keep] = stack.a[:, :, :keep]
-                b[:, :keep, :] = stack.b[:, :keep, :]
+            if grow > 0:
+                a = mx.pad(stack.a, [(0, 0), (0, 0), (0, grow)])
+                b = mx.pad(stack.b, [(0, 0), (0, grow), (0, 0)])
+            else:
+                # Copied row-major: gather_mm ran a strided slice of the old stack 2x slower on the CPU.
+                a = mx.contiguous(stack.a[:, :, :width])
+                b = mx.contiguous(stack.b[:, :width, :])
             mx.eval(a, b)
             stack.a, stack.b = a, b
         self.width = width
