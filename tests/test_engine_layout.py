@@ -1,4 +1,4 @@
-"""The CPU weight layout: float32 linears re-laid column-major give bit-identical logits, the same values."""
+"""The CPU weight layout: re-laid float32 linears give bit-identical logits, and the pool loads them so."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import mlx.nn as nn
 import pytest
 
 from mlxman.demo import DemoKit
-from mlxman.engine.layout import column_major_linears
 from mlxman.engine.slots import SlotBank
+from mlxman.pool.layout import column_major_linears
 from mlxman.pool.swap import read_adapter
 
 pytestmark = pytest.mark.skipif(
@@ -87,3 +87,24 @@ def test_a_tied_output_projection_reads_the_same_table(demo_kit: DemoKit) -> Non
     column_major_linears(model)
     assert mx.array_equal(embedding(ids), rows)
     assert mx.array_equal(embedding.as_linear(hidden), logits)
+
+
+def relaying_peak(model: Any) -> int:
+    """Bytes above what was active that re-laying ``model`` needed: above 0 only when a weight was copied."""
+    mx.eval(model.parameters())
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    column_major_linears(model)
+    return int(mx.get_peak_memory()) - before
+
+
+def test_the_pool_loads_text_models_laid_out_already(demo_kit: DemoKit) -> None:
+    from mlxman.pool.kinds import TEXT
+    from mlxman.pool.loaders import load_model
+
+    loaded = load_model(demo_kit.model, TEXT)
+    plain = load(demo_kit)
+    tokens = mx.array([[5, 9, 41, 7], [3, 8, 120, 4]])
+    assert mx.array_equal(loaded.model(tokens), plain(tokens))
+    # Laid out at load: doing it again copies nothing, where a model straight from mlx-lm copies its weights.
+    assert relaying_peak(loaded.model) <= 0 < relaying_peak(plain)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlxman.engine.batching import Batch, cannot_batch
-from mlxman.engine.layout import column_major_linears
 from mlxman.engine.prefix import DEFAULT_PREFIX_CACHE_BYTES, PREFIX_CACHE_SHARE, PrefixCache
 from mlxman.engine.rows import OnEvent, Row, Submission, Ticket
 from mlxman.engine.slots import NO_ADAPTER, SlotBank
 from mlxman.errors import MemoryBudgetError, MlxmanError, UsageError
 from mlxman.memory import format_bytes
+from mlxman.pool.layout import column_major_linears
 from mlxman.pool.swap import AdapterWeights, Applied, apply_adapter, strip_adapter
 
 # mlx-lm's server decodes up to 32 requests at once (--decode-concurrency); the same default here.
@@ -285,7 +285,8 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            # On the CPU the matmuls run 2x faster with the weights laid out column-major (layout.py).
+            # On the CPU the matmuls run 2x faster with the weights laid out column-major (pool/layout.py);
+            # a model the pool loaded is laid out already, and doing it again changes nothing.
             column_major_linears(self.model)
             self._batch = self._new_batch()
         except BaseException as exc:

@@ -35,7 +35,11 @@ def load_model(path: Path, kind: str, adapter_path: Path | None = None) -> Loade
         if kind == TEXT:
             from mlx_lm import load
 
+            from mlxman.pool.layout import column_major_linears
+
             model, tokenizer = load(str(path), adapter_path=str(adapter_path) if adapter_path else None)[:2]
+            # On the CPU, float32 matmuls run ~2x faster with the weights column-major (layout.py).
+            column_major_linears(model)
         elif kind == VISION:
             model, tokenizer = _load_vision(path, adapter_path)
         elif kind == EMBEDDINGS:
