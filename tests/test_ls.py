@@ -413,3 +413,20 @@ def test_kind_keeps_the_names_of_that_kind(models_dir: Path, demo_kit: DemoKit) 
     assert [n["name"] for n in ls_json("--kind", "embeddings")["names"]] == ["emb"]
     assert [n["name"] for n in ls_json("--kind", "text")["names"]] == ["tiny", "tiny-colors"]
     assert [n["name"] for n in ls_json()["names"]] == ["emb", "tiny", "tiny-colors"]
+
+
+def test_the_demo_kit_is_listed_once_built(
+    isolated_home: Path, demo_kit: DemoKit, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A new user runs `mlxman demo`, then `mlxman ls`: the demo's models are there without any setting."""
+    monkeypatch.delenv("MLXMAN_MODEL_DIRS", raising=False)
+    _use_cache(monkeypatch, tmp_path / "no-cache-here")
+    kit = isolated_home / "demo" / demo_kit.root.name
+    shutil.copytree(demo_kit.root, kit)
+    library = scan(budget_bytes=10**12)
+    assert str(kit) in library.model_dirs and "demo" in library.model_dirs_source
+    assert {Path(m.path).name for m in library.models if m.path} >= {"text-model", "embeddings-model"}
+    # Named in model_dirs too, it is listed once.
+    (isolated_home / "config.toml").write_text(f"model_dirs = [{json.dumps(str(kit))}]\n")
+    again = scan(budget_bytes=10**12)
+    assert again.model_dirs == [str(kit)] and len(again.models) == len(library.models)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxman.errors import MlxmanError
-from mlxman.files import CONFIG_MAX_BYTES, FileProblem, path_problem, read_bounded, read_json_object
+from mlxman.files import CONFIG_MAX_BYTES, FileProblem, exists, path_problem, read_bounded, read_json_object
 from mlxman.safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -165,6 +165,11 @@ def scan(
     if context_tokens is None:
         context_tokens = resolve_pool_limits(context_length, None, config).context_tokens
     dirs, dirs_source = model_dirs(config)
+    demo = _built_demo_kit()
+    if demo is not None and not any(_covers(d, demo) for d in dirs):
+        # What `mlxman demo` built is listed without a setting, as a new user expects after running it.
+        dirs_source = f"{dirs_source}, and the demo kit" if dirs else "the demo kit"
+        dirs = [*dirs, demo]
     cache = hf_cache_dir()
 
     models: list[ModelEntry] = []
@@ -607,6 +612,20 @@ def _base_folder(adapter: AdapterEntry) -> str | None:
         if key.startswith("/") and (Path(key) / CONFIG_FILE).is_file():
             return key
     return None
+
+
+def _built_demo_kit() -> Path | None:
+    from mlxman.demo.kit import kit_root
+
+    root = kit_root()
+    return root if exists(root / "MANIFEST.json") else None
+
+
+def _covers(folder: Path, path: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def _model_keys(model: ModelEntry) -> Iterable[str]:
