@@ -274,32 +274,9 @@ def test_a_share_over_the_budget_is_refused_naming_rank_and_host(demo_kit: DemoK
 def test_a_rank_killed_mid_generation_ends_the_run_with_a_clear_error(
     endless_model: Path, hosts: Path
 ) -> None:
-    proc = subprocess.Popen(
-        [
-            *MLXMAN,
-            "generate",
-            "--hosts",
-            str(hosts),
-            "-m",
-            str(endless_model),
-            "-p",
-            "hi",
-            "--max-tokens",
-            "3000",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=_env(),
-    )
+    proc = _generating_endlessly(endless_model, hosts)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.read(1)  # generating
-        ranks = [
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if p.cmdline()[1:3] == ["-m", "mlxman.distributed.rank"]
-        ]
+        ranks = _rank_processes(proc.pid)
         victims = [p for p in ranks if p.environ().get("MLX_RANK") == "1"]
         assert len(ranks) == 2 and len(victims) == 1
         victims[0].send_signal(signal.SIGKILL)
@@ -620,6 +597,17 @@ def test_generate_hosts_takes_a_name_for_a_model_with_its_adapter(
     assert [(a["adapter"], a["text"]) for a in answers] == [(colors, one_process[colors])]
 
 
+def _generating_endlessly(model: Path, hosts: Path) -> subprocess.Popen[bytes]:
+    """`generate --hosts` on a model that never stops, once its first text is out (both ranks are running)."""
+    argv = [*MLXMAN, "generate", "--hosts", str(hosts), "-m", str(model), "-p", "hi", "--max-tokens", "3000"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env()
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.read(1)  # generating
+    return proc
+
+
 def _rank_processes(pid: int) -> list[psutil.Process]:
     return [
         p
@@ -723,17 +711,8 @@ def test_serve_hosts_checks_its_flags_and_adapters_before_any_rank_starts(
 
 
 def test_ctrl_c_on_generate_hosts_stops_every_rank(endless_model: Path, hosts: Path) -> None:
-    argv = [*MLXMAN, "generate", "--hosts", str(hosts), "-m", str(endless_model), "-p", "hi"]
-    proc = subprocess.Popen(
-        [*argv, "--max-tokens", "3000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=_env(),
-    )
+    proc = _generating_endlessly(endless_model, hosts)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.read(1)  # generating
         ranks = _rank_processes(proc.pid)
         assert len(ranks) == 2
         proc.send_signal(signal.SIGINT)
